@@ -1,0 +1,241 @@
+"""The `birds` command line. Thin on purpose: parse, load the config, import the stage lazily, call it.
+
+Nothing heavy (torch, transformers, wandb, dvc) is imported at module level, so `birds --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from birdcli import __version__
+from birdcli.errors import BirdsError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+app = typer.Typer(
+    name="birds",
+    help="Train, evaluate and ship a bird-species image classifier (Hugging Face transformers, ViT by default).",
+    context_settings=CONTEXT,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+data_app = typer.Typer(help="Get and check datasets in the Kaggle BIRDS 525 SPECIES layout.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the resolved configuration and the shipped experiments.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+# Options shared by the commands that read the config.
+Exp = Annotated[str | None, typer.Option("--exp", "-e", help="Experiment from configs/experiment/, e.g. smoke.")]
+Overrides = Annotated[
+    list[str] | None, typer.Argument(help="Config overrides as key=value, e.g. train.epochs=5 model=vit-tiny.")
+]
+ConfigDir = Annotated[
+    Path | None, typer.Option("--config-dir", help="Folder with config.yaml (default: ./configs, then the shipped one).")
+]
+Device = Annotated[str, typer.Option("--device", "-d", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, mps, cpu).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; one log line per epoch.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"birds {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Train, evaluate and ship a bird-species image classifier.
+
+    Start offline in two commands: [bold]birds train --exp smoke[/] (fetches a synthetic dataset itself), then
+    [bold]birds evaluate[/]. Real data: [bold]birds data fetch --source kaggle[/].
+    """
+
+
+def _load(exp: str | None, overrides: list[str] | None, config_dir: Path | None):  # -> DictConfig
+    from birdcli.config import load
+
+    return load(exp, overrides or [], str(config_dir) if config_dir else None)
+
+
+# ---------------------------------------------------------------- config
+
+
+@config_app.command("show")
+def config_show(exp: Exp = None, overrides: Overrides = None, config_dir: ConfigDir = None) -> None:
+    """Print the resolved config as YAML.
+
+    Example: [bold]birds config show --exp exp2 optimizer.lr=0.001[/]
+    """
+    from birdcli.config import to_yaml
+
+    typer.echo(to_yaml(_load(exp, overrides, config_dir)), nl=False)
+
+
+@config_app.command("list")
+def config_list(config_dir: ConfigDir = None) -> None:
+    """List the experiments, models and optimizers the config folder holds."""
+    from birdcli.config import find_config_dir, list_names
+
+    root = find_config_dir(str(config_dir) if config_dir else None)
+    typer.echo(f"configs: {root}")
+    for group in ("experiment", "model", "optimizer"):
+        typer.echo(f"{group}: {', '.join(list_names(root, group))}")
+
+
+# ---------------------------------------------------------------- data
+
+
+@data_app.command("fetch")
+def data_fetch(
+    source: Annotated[
+        str | None, typer.Option("--source", "-s", help="synthetic | dir | url | hf | kaggle | dvc (default: config).")
+    ] = None,
+    root: Annotated[Path | None, typer.Option("--root", help="Where the dataset goes (default: data.root).")] = None,
+    path: Annotated[str | None, typer.Option("--path", help="--source dir: the folder to copy from.")] = None,
+    link: Annotated[bool, typer.Option("--link", help="--source dir: symlink instead of copying.")] = False,
+    url: Annotated[str | None, typer.Option("--url", help="--source url: a .zip or .tar.gz to download.")] = None,
+    sha256: Annotated[str | None, typer.Option("--sha256", help="--source url: expected checksum.")] = None,
+    hf_repo: Annotated[str | None, typer.Option("--hf-repo", help="--source hf: dataset repository id.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fetch again even if the data is there.")] = False,
+    dvc_add: Annotated[bool, typer.Option("--dvc-add", help="Track the result with `dvc add` afterwards.")] = False,
+    exp: Exp = None,
+    overrides: Overrides = None,
+    config_dir: ConfigDir = None,
+) -> None:
+    """Get a dataset in the Kaggle BIRDS 525 layout into data/raw (or --root).
+
+    Examples:
+      [bold]birds data fetch --source synthetic[/]                      offline, seeded, learnable
+      [bold]birds data fetch --source dir --path ../shared/data/birds-485[/]
+      [bold]birds data fetch --source kaggle[/]                         needs ~/.kaggle/kaggle.json
+      [bold]birds data fetch --source url --url https://host/birds.zip --sha256 HEX[/]
+    """
+    from omegaconf import OmegaConf
+
+    from birdcli.data.fetch import dvc_add as track, fetch
+
+    cfg = _load(exp, overrides, config_dir)
+    d = cfg.data
+    src = source or d.source
+    out = fetch(
+        src,
+        Path(root or d.root),
+        path=path or d.path,
+        link=link or d.link,
+        url=url or d.url,
+        sha256=sha256 or d.sha256,
+        hf_repo=hf_repo or d.hf_repo,
+        kaggle_dataset=d.kaggle_dataset,
+        synthetic=OmegaConf.to_container(d.synthetic),  # type: ignore[arg-type]
+        max_extract_bytes=int(d.max_extract_gb * 2**30),
+        force=force,
+    )
+    if dvc_add:
+        track(out)
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path | None, typer.Option("--root", help="Dataset folder (default: data.root).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    no_decode: Annotated[bool, typer.Option("--no-decode", help="Read headers only (faster).")] = False,
+    exp: Exp = None,
+    overrides: Overrides = None,
+    config_dir: ConfigDir = None,
+) -> None:
+    """Check a dataset: counts per split and species, gaps, unreadable files, odd images, birds.csv.
+
+    Exits 1 when it finds errors. Example: [bold]birds data check --json[/]
+    """
+    from dataclasses import asdict
+
+    from birdcli.data.check import check, print_check
+
+    cfg = _load(exp, overrides, config_dir)
+    report = check(Path(root or cfg.data.root), decode=not no_decode)
+    if as_json:
+        typer.echo(json.dumps({**asdict(report), "num_species": report.num_species, "ok": report.ok}, indent=2))
+    else:
+        print_check(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- train
+
+
+@app.command(context_settings={**CONTEXT, "allow_extra_args": False})
+def train(
+    exp: Exp = None,
+    overrides: Overrides = None,
+    device: Device = "auto",
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", help="Continue a run: 'auto' (latest run of the experiment) or a run folder."),
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Run name (default: a timestamp).")] = None,
+    quiet: Quiet = False,
+    config_dir: ConfigDir = None,
+) -> None:
+    """Fine-tune or train a classifier; writes runs/<exp>/<run>/ with best/, last/, checkpoint/, history.csv.
+
+    Examples:
+      [bold]birds train --exp smoke[/]                                 offline, under a minute on 2 cores
+      [bold]birds train --exp exp2 --device cuda[/]
+      [bold]birds train --exp smoke --resume auto[/]                   continue the latest smoke run
+      [bold]torchrun --nproc_per_node=4 -m birdcli train --exp exp2[/]
+    """
+    if quiet:
+        os.environ["BIRDS_QUIET"] = "1"
+    cfg = _load(exp, overrides, config_dir)
+    from birdcli.train import train as run_train
+
+    run_train(cfg, device=device, resume=resume, name=name)
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except BirdsError as e:
+        _fail(str(e), e.exit_code, e)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130, None)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            if os.environ.get("BIRDS_DEBUG") == "1":
+                raise
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            _fail("aborted", 1, None)
+        _fail(f"unexpected error: {type(e).__name__}: {e}", 1, e, hint="rerun with BIRDS_DEBUG=1 for the traceback")
+
+
+def _fail(message: str, code: int, exc: BaseException | None, hint: str | None = None) -> None:
+    if exc is not None and os.environ.get("BIRDS_DEBUG") == "1":
+        raise exc
+    from rich.console import Console
+
+    line = message.strip().splitlines()[0] if message.strip() else "failed"
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[bold red]error:[/] {line}" + (f" ({hint})" if hint else "")
+    )
+    sys.exit(code)
+
