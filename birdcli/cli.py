@@ -33,10 +33,12 @@ app.add_typer(config_app, name="config")
 # Options shared by the commands that read the config.
 Exp = Annotated[str | None, typer.Option("--exp", "-e", help="Experiment from configs/experiment/, e.g. smoke.")]
 Overrides = Annotated[
-    list[str] | None, typer.Argument(help="Config overrides as key=value, e.g. train.epochs=5 model=vit-tiny.")
+    list[str] | None,
+    typer.Argument(help="Config overrides as key=value, e.g. train.epochs=5 model=vit-tiny."),
 ]
 ConfigDir = Annotated[
-    Path | None, typer.Option("--config-dir", help="Folder with config.yaml (default: ./configs, then the shipped one).")
+    Path | None,
+    typer.Option("--config-dir", help="Folder with config.yaml (default: ./configs, then the shipped one)."),
 ]
 Device = Annotated[str, typer.Option("--device", "-d", help="auto | cpu | cuda | cuda:N | mps (auto: cuda, mps, cpu).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; one log line per epoch.")]
@@ -51,7 +53,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")
+        bool,
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """Train, evaluate and ship a bird-species image classifier.
@@ -98,7 +101,8 @@ def config_list(config_dir: ConfigDir = None) -> None:
 @data_app.command("fetch")
 def data_fetch(
     source: Annotated[
-        str | None, typer.Option("--source", "-s", help="synthetic | dir | url | hf | kaggle | dvc (default: config).")
+        str | None,
+        typer.Option("--source", "-s", help="synthetic | dir | url | hf | kaggle | dvc (default: config)."),
     ] = None,
     root: Annotated[Path | None, typer.Option("--root", help="Where the dataset goes (default: data.root).")] = None,
     path: Annotated[str | None, typer.Option("--path", help="--source dir: the folder to copy from.")] = None,
@@ -122,7 +126,8 @@ def data_fetch(
     """
     from omegaconf import OmegaConf
 
-    from birdcli.data.fetch import dvc_add as track, fetch
+    from birdcli.data.fetch import dvc_add as track
+    from birdcli.data.fetch import fetch
 
     cfg = _load(exp, overrides, config_dir)
     d = cfg.data
@@ -225,7 +230,12 @@ def main() -> None:
             sys.exit(e.exit_code)
         if isinstance(e, click.exceptions.Abort):
             _fail("aborted", 1, None)
-        _fail(f"unexpected error: {type(e).__name__}: {e}", 1, e, hint="rerun with BIRDS_DEBUG=1 for the traceback")
+        _fail(
+            f"unexpected error: {type(e).__name__}: {e}",
+            1,
+            e,
+            hint="rerun with BIRDS_DEBUG=1 for the traceback",
+        )
 
 
 def _fail(message: str, code: int, exc: BaseException | None, hint: str | None = None) -> None:
@@ -238,4 +248,3 @@ def _fail(message: str, code: int, exc: BaseException | None, hint: str | None =
         f"[bold red]error:[/] {line}" + (f" ({hint})" if hint else "")
     )
     sys.exit(code)
-

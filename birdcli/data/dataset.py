@@ -157,7 +157,9 @@ class BirdImages(Dataset):
         return img, label, index
 
 
-def collate(batch: list[tuple[torch.Tensor, int, int] | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(
+    batch: list[tuple[torch.Tensor, int, int] | None],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stack a batch, leaving out the samples that could not be decoded."""
     good = [b for b in batch if b is not None]
     if not good:
