@@ -358,7 +358,7 @@ def _ensure_data(cfg: DictConfig, root: Path, dist: Dist) -> None:
         return
     raise BirdsError(
         f"no dataset at {root}",
-        f"get one with: birds data fetch --root {root} --source kaggle (or --source synthetic / --source dir --path ..)",
+        f"get one with: birds data fetch --root {root} --source kaggle (or --source synthetic, --source dir --path ..)",
     )
 
 
