@@ -208,6 +208,41 @@ def train(
     run_train(cfg, device=device, resume=resume, name=name)
 
 
+# ---------------------------------------------------------------- profile
+
+
+@app.command("profile")
+def profile_cmd(
+    exp: Exp = None,
+    overrides: Overrides = None,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps timed, then profiled.")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed steps first.")] = 3,
+    device: Device = "auto",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output folder (default: profiles/<exp>-<timestamp>/).")
+    ] = None,
+    inference: Annotated[
+        bool, typer.Option("--inference/--no-inference", help="Also profile an eval-mode forward pass.")
+    ] = True,
+    open_viewer: Annotated[bool, typer.Option("--open", help="Open profile.prof in snakeviz afterwards.")] = False,
+    config_dir: ConfigDir = None,
+) -> None:
+    """Profile real training steps: profile.prof (cProfile), trace.json (torch.profiler) and a summary.
+
+    Splits step time into data wait, forward, backward and optimizer, and reports images/s and FLOP utilisation.
+    Examples:
+      [bold]birds profile --exp smoke[/]                               about a minute on 2 CPU cores
+      [bold]birds profile --exp exp2 --device cuda --steps 20 train.batch_size=64[/]
+    """
+    cfg = _load(exp, overrides, config_dir)
+    from birdcli.profiling import open_snakeviz, print_summary, profile
+
+    summary = profile(cfg, device=device, steps=steps, warmup=warmup, out_dir=out_dir, inference=inference)
+    print_summary(summary)
+    if open_viewer:
+        open_snakeviz(Path(summary["profile"]))
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
