@@ -208,6 +208,88 @@ def train(
     run_train(cfg, device=device, resume=resume, name=name)
 
 
+# ---------------------------------------------------------------- evaluate and predict
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(help="A run folder or any HF image-classification folder (default: the latest run's best/)."),
+]
+Precision = Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 where fast).")]
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: ModelArg = None,
+    split: Annotated[str, typer.Option("--split", "-s", help="test | valid | train.")] = "test",
+    data_root: Annotated[
+        Path | None, typer.Option("--data-root", help="Dataset folder (default: the run's data.root, else config).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Report folder (default: <run>/eval/<split>/, else eval/).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON instead of tables.")] = False,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 64,
+    workers: Annotated[int, typer.Option("--workers", help="Decoding processes (-1: from the CPU cores).")] = -1,
+    track: Annotated[bool, typer.Option("--track/--no-track", help="Log to the run's W&B run if it had one.")] = True,
+    config_dir: ConfigDir = None,
+) -> None:
+    """Top-1/top-5, macro P/R/F1, per-class accuracy, confusions, calibration; reports in <run>/eval/<split>/.
+
+    Examples:
+      [bold]birds evaluate[/]                                          latest run, test split
+      [bold]birds evaluate runs/smoke/20250101-120000 --split valid --json[/]
+      [bold]birds evaluate path/to/hf-model --data-root ../shared/data/birds-mini --out eval/mini[/]
+    """
+    cfg = _load(None, None, config_dir)
+    from birdcli.evaluate import evaluate, print_summary
+
+    result = evaluate(
+        model, split, data_root, out_dir, device, precision, batch_size, workers,
+        runs_dir=cfg.runs_dir, default_data_root=cfg.data.root, track=track,
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps({**result.metrics, "most_confused": result.pairs, "out": str(result.out_dir)}, indent=2))
+    else:
+        print_summary(result)
+
+
+@app.command("predict")
+def predict_cmd(
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Image files, folders (searched recursively) or globs.")],
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Run or model folder (default: the latest run's best/).")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Species per image.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines: one object per file, in input order.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="CSV: file,rank,species,probability,error.")] = False,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
+    config_dir: ConfigDir = None,
+) -> None:
+    """Top-k species for images; unreadable files are named with the reason and skipped.
+
+    Exit code 0 when every file was predicted, 1 when some failed, 2 on usage errors.
+    Examples:
+      [bold]birds predict photo.jpg[/]
+      [bold]birds predict photos/ 'more/**/*.png' --top-k 3 --json[/]
+      [bold]birds predict photos/ --model runs/exp2/20250101-120000 --csv > predictions.csv[/]
+    """
+    from birdcli.errors import UsageError
+
+    if as_json and as_csv:
+        raise UsageError("--json and --csv exclude each other", "pick one")
+    cfg = _load(None, None, config_dir)
+    from birdcli.predict import predict
+
+    fmt = "json" if as_json else "csv" if as_csv else "table"
+    _, failed = predict(paths, model, cfg.runs_dir, top_k, fmt, batch_size, device, precision)
+    if failed:
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------- profile
 
 
@@ -246,7 +328,9 @@ def profile_cmd(
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code:
+            sys.exit(code)  # without standalone mode, click returns typer.Exit(n)'s code instead of exiting
     except BirdsError as e:
         _fail(str(e), e.exit_code, e)
     except KeyboardInterrupt:
@@ -258,7 +342,11 @@ def main() -> None:
 
         if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
+        try:  # recent typer vendors click: its usage errors are not click's own classes
+            from typer._click.exceptions import ClickException as TyperClickException
+        except ImportError:
+            TyperClickException = click.ClickException
+        if isinstance(e, (click.ClickException, TyperClickException)):
             if os.environ.get("BIRDS_DEBUG") == "1":
                 raise
             e.show()
