@@ -270,7 +270,10 @@ def _fetch_dvc(root: Path) -> Path:
     info(f"dvc pull {root}")
     try:
         with repo:
-            repo.pull(targets=[str(root)])
+            # Data added with `dvc add` is pulled through its .dvc file: once the folder is gone, DVC reads a bare
+            # path as a dvc.yaml stage name and fails. A pipeline output (the fetch stage's) is pulled by its path.
+            dvc_file = root.with_name(root.name + ".dvc")
+            repo.pull(targets=[str(dvc_file if dvc_file.is_file() else root)])
     except DvcException as e:
         raise BirdsError(f"dvc pull of {root} failed: {e}", "check `dvc remote list` and your credentials") from e
     if not layout.looks_complete(root):
