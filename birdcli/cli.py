@@ -233,6 +233,7 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 64,
     workers: Annotated[int, typer.Option("--workers", help="Decoding processes (-1: from the CPU cores).")] = -1,
     track: Annotated[bool, typer.Option("--track/--no-track", help="Log to the run's W&B run if it had one.")] = True,
+    quiet: Quiet = False,
     config_dir: ConfigDir = None,
 ) -> None:
     """Top-1/top-5, macro P/R/F1, per-class accuracy, confusions, calibration; reports in <run>/eval/<split>/.
@@ -242,6 +243,8 @@ def evaluate_cmd(
       [bold]birds evaluate runs/smoke/20250101-120000 --split valid --json[/]
       [bold]birds evaluate path/to/hf-model --data-root ../shared/data/birds-mini --out eval/mini[/]
     """
+    if quiet:
+        os.environ["BIRDS_QUIET"] = "1"
     cfg = _load(None, None, config_dir)
     from birdcli.evaluate import evaluate, print_summary
 
@@ -257,7 +260,9 @@ def evaluate_cmd(
 
 @app.command("predict")
 def predict_cmd(
-    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Image files, folders (searched recursively) or globs.")],
+    paths: Annotated[
+        list[str], typer.Argument(metavar="PATH", help="Image files, folders (searched recursively) or globs.")
+    ],
     model: Annotated[
         str | None, typer.Option("--model", "-m", help="Run or model folder (default: the latest run's best/).")
     ] = None,
@@ -267,6 +272,7 @@ def predict_cmd(
     device: Device = "auto",
     precision: Precision = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per forward pass.")] = 32,
+    quiet: Quiet = False,
     config_dir: ConfigDir = None,
 ) -> None:
     """Top-k species for images; unreadable files are named with the reason and skipped.
@@ -281,6 +287,8 @@ def predict_cmd(
 
     if as_json and as_csv:
         raise UsageError("--json and --csv exclude each other", "pick one")
+    if quiet:
+        os.environ["BIRDS_QUIET"] = "1"
     cfg = _load(None, None, config_dir)
     from birdcli.predict import predict
 

@@ -162,9 +162,6 @@ def evaluate(
     """Evaluate a model folder (or run, or the latest run) on one split; write the report files."""
     from birdcli import model as models
     from birdcli.data import layout
-    from birdcli.data.dataset import samples
-    from birdcli.device import pick_device, pick_precision
-    from birdcli.inference import loader_for, logits_over
 
     if split not in SPLITS:
         raise UsageError(f"--split {split}: unknown split", f"use one of {', '.join(SPLITS)}")
@@ -178,6 +175,10 @@ def evaluate(
     dest = Path(out_dir) if out_dir else (run / "eval" / split if run else Path("eval"))
 
     # ---- model, and the species it knows against the ones the split holds
+    from birdcli.data.dataset import samples
+    from birdcli.device import pick_device, pick_precision
+    from birdcli.inference import loader_for, logits_over
+
     dev = pick_device(device)
     dtype = pick_precision(precision, dev)
     _quiet_transformers()
