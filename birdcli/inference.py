@@ -30,6 +30,7 @@ def loader_for(
         num_workers=num_workers,
         collate_fn=collate,
         pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),  # never draw from the global RNG
     )
 
 

@@ -139,6 +139,7 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
         pin_memory=dev.type == "cuda",
         persistent_workers=workers > 0,
         worker_init_fn=_seed_worker,
+        generator=torch.Generator().manual_seed(tc.seed),  # keeps the global RNG untouched by loader start-up
     )
     val_loader = loader_for(val_items, prep.size, tc.eval_batch_size or 2 * tc.batch_size, workers, dev.type == "cuda")
     batches_per_epoch = math.ceil(len(train_ds) / dist.world_size / per_rank_batch)
@@ -289,9 +290,13 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
             info(f"early stopping: no better val accuracy for {pos['bad_epochs']} epochs")
             break
 
-    # ---- final metrics
+    # ---- final metrics (under torchrun: proof that every replica ends with the same weights)
+    replicas = _replica_hashes(raw_net) if dist.enabled else None
     if dist.main:
         metrics = _final_metrics(run_dir, pos, seen_total, time.perf_counter() - t_run)
+        if replicas is not None:
+            metrics |= {"world_size": dist.world_size, "replicas_identical": len(set(replicas)) == 1}
+            (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         tracker.summary(metrics)
         if (run_dir / "best").is_dir():
             tracker.log_model(run_dir / "best", f"{cfg.exp}-model")
@@ -408,6 +413,16 @@ def _schedule(sc: DictConfig, total: int):
     return factor
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 class _maybe_no_sync:
     """DDP's no_sync() on accumulation micro-steps; nothing otherwise."""
 
@@ -430,6 +445,17 @@ def _sync_position(pos: dict) -> None:
     box = [pos["bad_epochs"], pos["best_acc"]]
     tdist.broadcast_object_list(box, src=0)
     pos["bad_epochs"], pos["best_acc"] = box
+
+
+def _replica_hashes(net: torch.nn.Module) -> list[str]:
+    import torch.distributed as tdist
+
+    h = hashlib.sha256()
+    for p in net.state_dict().values():
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    hashes: list[str] = [""] * tdist.get_world_size()
+    tdist.all_gather_object(hashes, h.hexdigest())
+    return hashes
 
 
 def _append_history(path: Path, row: dict[str, Any]) -> None:
@@ -496,7 +522,7 @@ def _write_manifest(run_dir: Path, cfg: DictConfig, root: Path, dev: torch.devic
             "transformers": transformers.__version__,
         },
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "precision": precision_name(dtype),
         "world_size": dist.world_size,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
