@@ -142,11 +142,11 @@ def config_dirs(config_dir: str | os.PathLike[str] | None = None) -> list[Path]:
 
 
 def find_config_dir(config_dir: str | os.PathLike[str] | None = None) -> Path:
+    if config_dir and not (Path(config_dir) / "config.yaml").is_file():
+        raise UsageError(f"no config.yaml in --config-dir {config_dir}", "point it at a folder like configs/")
     for d in config_dirs(config_dir):
         if (d / "config.yaml").is_file():
             return d
-    if config_dir:
-        raise UsageError(f"no config.yaml in --config-dir {config_dir}", "point it at a folder like configs/")
     raise UsageError("no configs found", "reinstall birdcli or pass --config-dir")
 
 
