@@ -120,9 +120,10 @@ def test_kill_and_resume_is_bit_exact(tmp_path: Path, synthetic_data: Path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert json.loads((run / "metrics.json").read_text())["steps"] == json.loads(
-        (tmp_path / "runs" / "smoke" / "full" / "metrics.json").read_text()
-    )["steps"]
+    assert (
+        json.loads((run / "metrics.json").read_text())["steps"]
+        == json.loads((tmp_path / "runs" / "smoke" / "full" / "metrics.json").read_text())["steps"]
+    )
 
 
 def test_resume_auto_picks_latest_and_errors_cleanly(tmp_path: Path, synthetic_data: Path):

@@ -7,6 +7,7 @@ renamed into place, so an interrupted fetch never leaves a half dataset that loo
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -135,7 +136,9 @@ def download(url: str, dst: Path, sha256: str | None) -> None:
                     digest.update(chunk)
                     got += len(chunk)
                     bar.update(task, completed=got)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except urllib.error.HTTPError as e:
+        raise BirdsError(f"download of {url} failed: HTTP {e.code} {e.reason}", "check the URL") from e
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise BirdsError(f"download of {url} failed: {reason}", OFFLINE_HINT) from e
     if total is not None and got != total:
