@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from birdcli.console import info, out, progress, warn
+from birdcli.console import err, info, out, progress, warn
 from birdcli.errors import BirdsError, UsageError
 
 SPLITS = ("test", "valid", "train")
@@ -142,7 +142,7 @@ class Result:
 
 def run_of(model_dir: Path) -> Path | None:
     """The training run a model folder belongs to (runs/<exp>/<run>/best -> runs/<exp>/<run>), if any."""
-    parent = model_dir.resolve().parent
+    parent = Path(os.path.normpath(model_dir)).parent  # stays relative when given relative
     return parent if (parent / "config.yaml").is_file() else None
 
 
@@ -198,11 +198,14 @@ def evaluate(
     # ---- logits over every sample, batched, with a progress bar
     loader = loader_for(items, prep.size, batch_size, _workers(workers), dev.type == "cuda")
     info(f"evaluating {model_dir} on {len(items)} {split} images ({dev})")
-    with progress(transient=True) as bar:
-        task = bar.add_task(f"evaluate {split}", total=len(items))
-        logits, labels, idx = logits_over(
-            net, loader, dev, dtype, prep.mean, prep.std, on_batch=lambda n: bar.advance(task, n)
-        )
+    if err.is_terminal:
+        with progress(transient=True) as bar:
+            task = bar.add_task(f"evaluate {split}", total=len(items))
+            logits, labels, idx = logits_over(
+                net, loader, dev, dtype, prep.mean, prep.std, on_batch=lambda n: bar.advance(task, n)
+            )
+    else:  # no bar where it would only leave blank lines behind (pipes, CI logs)
+        logits, labels, idx = logits_over(net, loader, dev, dtype, prep.mean, prep.std)
     unreadable = len(items) - len(labels)
     if len(labels) == 0:
         raise BirdsError(f"no readable images in {root}/{split}", "run `birds data check`")

@@ -46,12 +46,18 @@ class Predictor(Protocol):
 
 
 def load_predictor(
-    model_dir: str | os.PathLike[str], device: str = "auto", precision: str = "auto", backend: str = "torch"
+    model_dir: str | os.PathLike[str], device: str = "auto", precision: str = "auto", backend: str = "auto"
 ) -> Predictor:
-    """The predictor for a model folder. `backend` picks the implementation (torch today)."""
+    """The predictor for a model folder. `backend`: torch, onnx, or auto (onnx when the folder holds model.onnx)."""
+    from birdcli.onnx_backend import OnnxPredictor, is_export
+
+    if backend == "auto":
+        backend = "onnx" if is_export(model_dir) else "torch"
+    if backend == "onnx":  # an export folder (`birds export`): onnxruntime + NumPy + Pillow, no torch imported
+        return OnnxPredictor(model_dir, device)
     if backend == "torch":
         return TorchPredictor(Path(model_dir), device, precision)
-    raise UsageError(f"unknown backend '{backend}'", "use torch")
+    raise UsageError(f"unknown backend '{backend}'", "use auto, torch or onnx")
 
 
 class TorchPredictor:
@@ -190,7 +196,7 @@ def predict(
     batch_size: int = 32,
     device: str = "auto",
     precision: str = "auto",
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> tuple[int, int]:
     """Predict every image PATHS name and print the results; returns (predicted, failed)."""
     from birdcli.model import resolve
@@ -213,8 +219,9 @@ def predict(
     for f in failed:
         writer.add(f, [])
     done = 0
-    with progress(transient=True) as bar:
-        task = bar.add_task("predict", total=len(files), visible=len(files) > batch_size)
+    show = len(files) > batch_size and err.is_terminal  # elsewhere a bar would only leave blank lines behind
+    with progress(transient=True) if show else _NoBar() as bar:
+        task = bar.add_task("predict", total=len(files))
         for chunk in batched(files, batch_size):
             for o in predictor.predict(chunk):
                 if o.error is not None or o.probs is None:
@@ -229,6 +236,22 @@ def predict(
     if failed:
         err.print(f"{done} predicted, {len(failed)} failed", highlight=False)
     return done, len(failed)
+
+
+class _NoBar:
+    """What `progress()` offers, doing nothing."""
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def advance(self, task: int, n: float = 1) -> None:
+        pass
 
 
 def _report(o: Outcome) -> None:
