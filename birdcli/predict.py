@@ -169,7 +169,7 @@ def _images_under(folder: Path) -> list[str]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTS:
-                found.append(os.path.join(dirpath, name))
+                found.append(os.path.normpath(os.path.join(dirpath, name)))  # "./a.jpg" -> "a.jpg"
     return found
 
 
