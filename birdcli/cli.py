@@ -333,6 +333,52 @@ def profile_cmd(
         open_snakeviz(Path(summary["profile"]))
 
 
+# ---------------------------------------------------------------- export
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[
+        str | None, typer.Argument(help="A run folder or HF model folder (default: the latest run's best/).")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Export format (onnx).")] = "onnx",
+    quantize: Annotated[str, typer.Option("--quantize", "-q", help="none | int8 (dynamic quantization).")] = "none",
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset version.")] = 18,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Export folder (default: <run>/onnx-fp32 or onnx-int8).")
+    ] = None,
+    check_images: Annotated[
+        list[str] | None,
+        typer.Option("--check-images", help="Images or folders to verify on (default: the run's validation split)."),
+    ] = None,
+    min_agreement: Annotated[
+        float | None,
+        typer.Option("--min-agreement", help="Top-1 agreement with PyTorch required (default 1.0 fp32, 0.9 int8)."),
+    ] = None,
+    max_check_images: Annotated[
+        int, typer.Option("--max-check-images", help="Verify on at most this many images, spread over the split.")
+    ] = 256,
+    bench: Annotated[bool, typer.Option("--bench/--no-bench", help="Time PyTorch vs ONNX Runtime.")] = True,
+    config_dir: ConfigDir = None,
+) -> None:
+    """Export a model to ONNX (one file, dynamic batch) with labels and preprocessing; verify it against PyTorch.
+
+    The folder is all a consumer needs: [bold]birds predict IMG --model FOLDER[/] then runs without torch.
+    Fails (exit 1) when top-1 agreement with PyTorch on the check images is below --min-agreement.
+    Examples:
+      [bold]birds export[/]                                            latest run -> <run>/onnx-fp32/
+      [bold]birds export runs/smoke/20250101-120000 --quantize int8[/]
+      [bold]birds export path/to/hf-model --check-images photos/ --out exports/vit[/]
+    """
+    cfg = _load(None, None, config_dir)
+    from birdcli.export import export
+
+    export(
+        model, fmt, quantize, opset, out_dir, check_images, min_agreement, max_check_images, bench,
+        runs_dir=cfg.runs_dir,
+    )  # fmt: skip
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
