@@ -177,7 +177,7 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     keys = []
     if isinstance(node, DictConfig):
         for k in node.keys():
-            full = f"{prefix}{k}"
+            full = f"{prefix}{k!s}"
             keys.append(full)
             child = node._get_node(k)
             if isinstance(child, DictConfig) and not _is_free_dict(full):

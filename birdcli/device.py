@@ -6,6 +6,7 @@ import os
 import random
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 def rng_state() -> dict:
     """Every RNG's state, in types `torch.load(weights_only=True)` accepts."""
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple: (name, keys, pos, has_gauss, cached_gauss)
     state = {
         "python_version": py[0],
         "python_state": torch.tensor(py[1], dtype=torch.int64),

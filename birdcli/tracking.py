@@ -81,7 +81,7 @@ def start(
         dir=str(run_dir),
         config=config,
         tags=tags,
-        mode=mode,
+        mode=mode,  # type: ignore[arg-type]  # one of wandb's Literal modes, checked by the config
         id=run_id,
         resume="allow" if run_id else None,
         reinit="finish_previous",

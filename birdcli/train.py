@@ -84,7 +84,7 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
     tc = cfg.train
     run_dir, resumed = _run_dir(cfg, dist, resume, name)
     if resumed:
-        cfg = OmegaConf.load(run_dir / "config.yaml")  # a resumed run keeps its own config
+        cfg = OmegaConf.load(run_dir / "config.yaml")  # type: ignore[assignment]  # a resumed run keeps its own config
         tc = cfg.train
     dtype = pick_precision(tc.precision, dev)
     seed_everything(tc.seed, tc.deterministic)
@@ -154,7 +154,7 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
 
     # ---- resume: weights, optimizer, scheduler, scaler, RNGs, position, best metric, W&B id
-    pos = {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "bad_epochs": 0, "sums": [0.0, 0, 0]}
+    pos: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_acc": -1.0, "bad_epochs": 0, "sums": [0.0, 0, 0]}
     wandb_id = None
     if resumed:
         weights, state, meta = checkpoint.load(run_dir / "checkpoint")
@@ -182,7 +182,7 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
         w = cfg.tracking.wandb
         tracker = tracking.start(
             w.mode, w.project, w.entity, run_dir.name, run_dir,
-            OmegaConf.to_container(cfg, resolve=True), [cfg.exp, *w.tags], wandb_id, w.log_model,
+            OmegaConf.to_container(cfg, resolve=True), [cfg.exp, *w.tags], wandb_id, w.log_model,  # type: ignore[arg-type]
         )  # fmt: skip
     info(
         f"run {run_dir} | {len(classes)} species, {len(train_items)} train / {len(val_items)} {val_split} images | "
@@ -427,7 +427,7 @@ class _maybe_no_sync:
     """DDP's no_sync() on accumulation micro-steps; nothing otherwise."""
 
     def __init__(self, net: torch.nn.Module, active: bool) -> None:
-        self.ctx = net.no_sync() if active else None
+        self.ctx = net.no_sync() if active else None  # type: ignore[operator]  # DDP method, typed by Module.__getattr__
 
     def __enter__(self) -> None:
         if self.ctx is not None:

@@ -50,10 +50,10 @@ def samples(root: Path, split: str, classes: Sequence[str]) -> list[tuple[Path, 
 def decode(path: str | Path) -> torch.Tensor:
     """Any image file -> uint8 RGB (3, H, W): torchvision's decoders, Pillow for what they cannot read."""
     path = str(path)
-    with Image.open(path) as im:  # reads the header only: refuse bombs before allocating anything
-        w, h = im.size
-        fmt = im.format
-        mode = im.mode
+    with Image.open(path) as header:  # reads the header only: refuse bombs before allocating anything
+        w, h = header.size
+        fmt = header.format
+        mode = header.mode
     if w * h > MAX_PIXELS:
         raise ValueError(f"image declares {w}x{h} pixels (decompression bomb?)")
     if fmt in ("JPEG", "PNG", "WEBP") and mode in ("RGB", "L", "RGBA", "LA", "P"):
@@ -62,9 +62,9 @@ def decode(path: str | Path) -> torch.Tensor:
             return img[0] if img.ndim == 4 else img
         except RuntimeError:
             pass  # fall back to Pillow
-    with Image.open(path) as im:
-        im.seek(0)  # first frame of animations
-        im = ImageOps.exif_transpose(im)
+    with Image.open(path) as opened:
+        opened.seek(0)  # first frame of animations
+        im = ImageOps.exif_transpose(opened)
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):
             im = im.point(lambda v: v / 256).convert("L")
         rgb = im.convert("RGB")

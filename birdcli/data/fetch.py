@@ -199,19 +199,19 @@ def extract(archive: Path, dest: Path, cap: int) -> None:
     with tf:
         members = tf.getmembers()
         total = 0
-        for m in members:
-            _check_member_name(m.name, archive)
-            if m.issym() or m.islnk():
-                raise BirdsError(f"refusing {archive.name}: member {m.name!r} is a link")
-            if not (m.isfile() or m.isdir()):
-                raise BirdsError(f"refusing {archive.name}: member {m.name!r} is a device or special file")
-            total += m.size
+        for t in members:
+            _check_member_name(t.name, archive)
+            if t.issym() or t.islnk():
+                raise BirdsError(f"refusing {archive.name}: member {t.name!r} is a link")
+            if not (t.isfile() or t.isdir()):
+                raise BirdsError(f"refusing {archive.name}: member {t.name!r} is a device or special file")
+            total += t.size
             if total > cap:
                 raise BirdsError(f"refusing {archive.name}: it extracts to more than {cap / 2**30:.1f} GiB")
         with progress() as bar:
             task = bar.add_task("extracting", total=len(members))
-            for m in members:
-                tf.extract(m, dest, filter="data")
+            for t in members:
+                tf.extract(t, dest, filter="data")
                 bar.advance(task)
 
 
