@@ -161,7 +161,6 @@ def evaluate(
 ) -> Result:
     """Evaluate a model folder (or run, or the latest run) on one split; write the report files."""
     from birdcli import model as models
-    from birdcli.data import layout
 
     if split not in SPLITS:
         raise UsageError(f"--split {split}: unknown split", f"use one of {', '.join(SPLITS)}")
@@ -173,6 +172,43 @@ def evaluate(
     if not (root / split).is_dir():
         raise BirdsError(f"no {split}/ folder in {root}", "pass --data-root, or another --split")
     dest = Path(out_dir) if out_dir else (run / "eval" / split if run else Path("eval"))
+
+    # ---- logits (N, C) and labels (N,) over the split's readable images of species the model knows
+    from birdcli.onnx_backend import is_export
+
+    if is_export(model_dir):  # an ONNX export folder: ONNX Runtime, NumPy and Pillow; no torch imported
+        names, items, check, logits, labels, idx = _onnx_logits(model_dir, root, split, device, batch_size)
+    else:
+        names, items, check, logits, labels, idx = _torch_logits(
+            model_dir, root, split, device, precision, batch_size, workers
+        )
+    unreadable = len(items) - len(labels)
+    if len(labels) == 0:
+        raise BirdsError(f"no readable images in {root}/{split}", "run `birds data check`")
+
+    # ---- metrics over all samples, files
+    m = compute(logits, labels, len(names))
+    pairs = most_confused(m.confusion, names)
+    metrics: dict[str, Any] = {
+        **m.summary,
+        "split": split,
+        "classes_model": len(names),
+        **check,
+        "unreadable_images": unreadable,
+    }
+    files = [str(items[int(i)][0]) for i in idx]
+    write_reports(dest, m, names, files, labels, metrics, pairs, split)
+    if track and run is not None:
+        _log_to_wandb(run, metrics, split)
+    return Result(metrics, pairs, dest, model_dir)
+
+
+def _torch_logits(
+    model_dir: Path, root: Path, split: str, device: str, precision: str, batch_size: int, workers: int
+) -> tuple[list[str], list[tuple[Path, int]], dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, items, label check, logits, labels, item indices) through PyTorch on `device`."""
+    from birdcli import model as models
+    from birdcli.data import layout
 
     # ---- model, and the species it knows against the ones the split holds
     from birdcli.data.dataset import samples
@@ -206,25 +242,47 @@ def evaluate(
             )
     else:  # no bar where it would only leave blank lines behind (pipes, CI logs)
         logits, labels, idx = logits_over(net, loader, dev, dtype, prep.mean, prep.std)
-    unreadable = len(items) - len(labels)
-    if len(labels) == 0:
-        raise BirdsError(f"no readable images in {root}/{split}", "run `birds data check`")
+    return names, items, check, logits.numpy(), labels.numpy(), idx.numpy()
 
-    # ---- metrics over all samples, files
-    m = compute(logits.numpy(), labels.numpy(), len(names))
-    pairs = most_confused(m.confusion, names)
-    metrics: dict[str, Any] = {
-        **m.summary,
-        "split": split,
-        "classes_model": len(names),
-        **check,
-        "unreadable_images": unreadable,
-    }
-    files = [str(items[int(i)][0]) for i in idx]
-    write_reports(dest, m, names, files, labels.numpy(), metrics, pairs, split)
-    if track and run is not None:
-        _log_to_wandb(run, metrics, split)
-    return Result(metrics, pairs, dest, model_dir)
+
+def _onnx_logits(
+    model_dir: Path, root: Path, split: str, device: str, batch_size: int
+) -> tuple[list[str], list[tuple[Path, int]], dict[str, int], np.ndarray, np.ndarray, np.ndarray]:
+    """The same through ONNX Runtime from an export folder, preprocessing with Pillow and NumPy."""
+    from birdcli.data import layout
+    from birdcli.onnx_backend import OnnxPredictor
+
+    predictor = OnnxPredictor(model_dir, device)
+    names = predictor.labels
+    index = {name: i for i, name in enumerate(names)}
+    all_files = layout.split_files(root, split)
+    items = [(p, index[s]) for p, s in all_files if s in index]
+    check = _label_check(names, layout.species_dirs(root, split), len(all_files), len(items), f"{root}/{split}")
+    if not items:
+        raise BirdsError(
+            f"none of the {len(all_files)} images in {root}/{split} is of a species the model knows",
+            "is this the dataset the model was trained on? pass --data-root",
+        )
+    info(f"evaluating {model_dir} on {len(items)} {split} images (ONNX Runtime)")
+    logits, idx = [], []
+
+    def run_all(advance) -> None:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            out, ok = predictor.logits_of([str(p) for p, _ in chunk])
+            logits.append(out)
+            idx.extend(start + i for i in ok)
+            advance(len(chunk))
+
+    if err.is_terminal:
+        with progress(transient=True) as bar:
+            task = bar.add_task(f"evaluate {split}", total=len(items))
+            run_all(lambda n: bar.advance(task, n))
+    else:  # no bar where it would only leave blank lines behind (pipes, CI logs)
+        run_all(lambda n: None)
+    idx_arr = np.array(idx, dtype=np.int64)
+    labels = np.array([items[i][1] for i in idx], dtype=np.int64)
+    return names, items, check, np.concatenate(logits), labels, idx_arr
 
 
 def _quiet_transformers() -> None:

@@ -107,23 +107,34 @@ class OnnxPredictor:
         """float32 (B, 3, H, W) normalised pixels -> float32 (B, C) logits."""
         return self.session.run(None, {self.input: batch})[0]
 
-    def predict(self, paths: Sequence[str]) -> list[Any]:
-        """One `birdcli.predict.Outcome` per path, in order: probabilities (C,), or the reason the file failed."""
-        from birdcli.predict import Outcome
-
+    def _load_all(self, paths: Sequence[str]) -> list[np.ndarray | Exception]:
         if self._pool is None and len(paths) > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))  # Pillow decodes without the GIL
-        loaded = list(self._pool.map(self._try_load, paths)) if self._pool else [self._try_load(p) for p in paths]
+        return list(self._pool.map(self._try_load, paths)) if self._pool else [self._try_load(p) for p in paths]
+
+    def _run(self, loaded: list[np.ndarray | Exception]) -> tuple[np.ndarray, list[int]]:
+        good = [i for i, x in enumerate(loaded) if not isinstance(x, Exception)]
+        if not good:
+            return np.zeros((0, len(self.labels)), np.float32), good
+        batch = np.stack([loaded[i] for i in good])  # uint8 (B, H, W, 3)
+        x = images.normalize(batch, self.preprocess.mean, self.preprocess.std)  # float32 (B, 3, H, W)
+        return self.logits(x), good
+
+    def logits_of(self, paths: Sequence[str]) -> tuple[np.ndarray, list[int]]:
+        """(float32 (B, C) logits of the readable files, their positions in `paths`); unreadable ones are left out."""
+        return self._run(self._load_all(paths))
+
+    def predict(self, paths: Sequence[str]) -> list[Any]:
+        """One `birdcli.predict.Outcome` per path, in order: probabilities (C,), or the reason the file failed."""
+        from birdcli.predict import Outcome
+
+        loaded = self._load_all(paths)
         results = [
             Outcome(p, error=str(x) if isinstance(x, Exception) else None) for p, x in zip(paths, loaded, strict=True)
         ]
-        good = [i for i, x in enumerate(loaded) if not isinstance(x, Exception)]
-        if good:
-            batch = np.stack([loaded[i] for i in good])  # uint8 (B, H, W, 3)
-            x = images.normalize(batch, self.preprocess.mean, self.preprocess.std)  # float32 (B, 3, H, W)
-            probs = softmax(self.logits(x))
-            for row, i in enumerate(good):
-                results[i].probs = probs[row]
+        logits, good = self._run(loaded)
+        for row, i in enumerate(good):
+            results[i].probs = softmax(logits[row])
         return results

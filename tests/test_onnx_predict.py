@@ -146,3 +146,18 @@ def test_corrupt_model_is_one_clear_error(onnx_dir, images, tmp_path):
     code, loaded, _, stderr = run_cli(["predict", images[0], "--model", str(bad)], False)
     assert code == 1 and loaded == []
     assert "cannot load" in stderr and "model.onnx" in stderr
+
+
+def test_evaluate_an_export_without_torch_matches_torch(onnx_dir, smoke_run, synthetic_data, tmp_path):
+    from birdcli.evaluate import evaluate
+
+    args = ["evaluate", str(onnx_dir), "--data-root", str(synthetic_data), "--out", str(tmp_path / "onnx"), "--json"]
+    code, loaded, stdout, stderr = run_cli(args, True)
+    assert code == 0, stderr
+    assert loaded == []
+    ours = json.loads(stdout)
+    ref = evaluate(smoke_run, "test", synthetic_data, tmp_path / "torch", "cpu", "fp32", track=False).metrics
+    assert ours["samples"] == ref["samples"] == 24
+    assert ours["top1"] == ref["top1"] and ours["top5"] == ref["top5"]
+    assert abs(ours["loss"] - ref["loss"]) < 1e-4
+    assert (tmp_path / "onnx" / "metrics.json").is_file() and (tmp_path / "onnx" / "confusion.png").is_file()
