@@ -64,7 +64,10 @@ class TorchPredictor:
     """A Hugging Face model folder on a torch device, preprocessing exactly as training evaluated it."""
 
     def __init__(self, model_dir: Path, device: str = "auto", precision: str = "auto") -> None:
+        import warnings
+
         import torch
+        from PIL import Image
 
         from birdcli import model as models
         from birdcli.data.dataset import eval_transform
@@ -82,6 +85,7 @@ class TorchPredictor:
         self._transform = eval_transform(self.preprocess.size)
         self._torch = torch
         self._pool: Any = None
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # images.probe enforces our own limit
 
     def load(self, path: str) -> Any:
         """The uint8 (3, H, W) tensor the model sees before normalisation (raises ImageError)."""
@@ -215,14 +219,25 @@ def predict(
     predictor = load_predictor(resolve(model, runs_dir), device, precision, backend)
     k = min(top, len(predictor.labels))
 
-    writer = _Writer(fmt, k)
+    try:
+        done = _run(predictor, files, failed, _Writer(fmt, k), k, batch_size)
+    except BrokenPipeError:  # `birds predict ... --json | head`: the reader has gone, stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE, as a shell reports it
+    if failed:
+        err.print(f"{done} predicted, {len(failed)} failed", highlight=False)
+    return done, len(failed)
+
+
+def _run(predictor: Predictor, files: list[str], failed: list[Outcome], writer: _Writer, k: int, batch: int) -> int:
+    """Predict in batches, reporting failures as they happen; returns how many files were predicted."""
     for f in failed:
         writer.add(f, [])
     done = 0
-    show = len(files) > batch_size and err.is_terminal  # elsewhere a bar would only leave blank lines behind
+    show = len(files) > batch and err.is_terminal  # elsewhere a bar would only leave blank lines behind
     with progress(transient=True) if show else _NoBar() as bar:
         task = bar.add_task("predict", total=len(files))
-        for chunk in batched(files, batch_size):
+        for chunk in batched(files, batch):
             for o in predictor.predict(chunk):
                 if o.error is not None or o.probs is None:
                     failed.append(o)
@@ -233,9 +248,7 @@ def predict(
                     writer.add(o, top_k(o.probs, predictor.labels, k))
             bar.advance(task, len(chunk))
     writer.close()
-    if failed:
-        err.print(f"{done} predicted, {len(failed)} failed", highlight=False)
-    return done, len(failed)
+    return done
 
 
 class _NoBar:

@@ -193,6 +193,16 @@ def test_logs_to_the_training_runs_wandb_run(smoke_run, tmp_path):
     assert b"eval/test/top1" in logs[0].read_bytes()
 
 
+def test_a_bare_model_folder_reports_to_eval(smoke_run, synthetic_data, tmp_path, monkeypatch):
+    model = shutil.copytree(smoke_run / "best", tmp_path / "some-hf-model")  # not inside a run: no config.yaml
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BirdsError, match="no test/ folder"):  # the config default data root is not there
+        evaluate(str(model), device="cpu", workers=0)
+    result = evaluate(str(model), data_root=synthetic_data, device="cpu", workers=0)
+    assert result.out_dir == Path("eval")
+    _check_reports(tmp_path / "eval", classes=6, samples=6 * 4)
+
+
 def test_usage_errors(smoke_run, tmp_path):
     r = run_birds("evaluate", str(smoke_run), "--split", "bogus")
     assert r.returncode == 2 and "unknown split" in r.stderr and "Traceback" not in r.stderr
