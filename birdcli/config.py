@@ -47,6 +47,7 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     num_workers: int = -1
     cache: bool = False
+    cache_dir: str = "data/cache"
     max_bad_in_row: int = 20
 
 

@@ -27,6 +27,7 @@ from birdcli import __version__, checkpoint, tracking
 from birdcli import model as models
 from birdcli.console import info, progress
 from birdcli.data import layout
+from birdcli.data.cache import DecodedCache
 from birdcli.data.dataset import BirdImages, class_names, collate, normalize, samples, train_transform
 from birdcli.device import (
     Dist,
@@ -126,6 +127,9 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
         train_transform(prep.size, aug.enabled, aug.crop_scale, aug.hflip, aug.color_jitter, aug.rand_augment),
         seed=tc.seed,
         max_bad_in_row=cfg.data.max_bad_in_row,
+        cache=DecodedCache(Path(cfg.data.cache_dir), [p for p, _ in train_items], prep.size)
+        if cfg.data.cache
+        else None,
     )
     sampler = ResumableSampler(
         DistributedSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=tc.seed)
@@ -372,7 +376,8 @@ def _num_workers(requested: int, dist: Dist) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-    return max(0, min(8, cores // local - 1))
+    spare = min(8, cores // local - 1)  # leave a core per process for compute
+    return spare if spare >= 2 else 0  # one worker on a 2-core machine only fights the compute threads
 
 
 def _seed_worker(worker_id: int) -> None:

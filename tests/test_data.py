@@ -143,3 +143,27 @@ def test_resize_is_skipped_at_target_size(synthetic_data: Path):
     img = decode(path)
     assert eval_transform(tuple(img.shape[-2:]))(img) is img
     assert eval_transform((16, 16))(img).shape == (3, 16, 16)
+
+
+def test_decoded_cache_gives_the_same_batches(tmp_path: Path, birds_mini: Path):
+    from birdcli.data.cache import DecodedCache
+
+    items = samples(birds_mini, "valid", class_names(birds_mini))[:8]
+    plain = BirdImages(items, eval_transform((64, 64)))
+    cache = DecodedCache(tmp_path, [p for p, _ in items], (64, 64))
+    cached = BirdImages(items, eval_transform((64, 64)), cache=cache)
+    first = collate([cached[i] for i in range(8)])[0]  # fills the cache
+    assert cache.filled == 8
+    second = collate([cached[i] for i in range(8)])[0]  # served from it
+    expected = collate([plain[i] for i in range(8)])[0]
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    again = DecodedCache(tmp_path, [p for p, _ in items], (64, 64))
+    assert again.filled == 8 and again.pixels_path == cache.pixels_path
+    assert DecodedCache(tmp_path, [p for p, _ in items[:4]], (64, 64)).filled == 0  # other files, other cache
+
+
+def test_normalize_matches_the_formula():
+    x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(x, mean, std), expected)
