@@ -264,7 +264,8 @@ def _onnx_logits(
             "is this the dataset the model was trained on? pass --data-root",
         )
     info(f"evaluating {model_dir} on {len(items)} {split} images (ONNX Runtime)")
-    logits, idx = [], []
+    logits: list[np.ndarray] = []
+    idx: list[int] = []
 
     def run_all(advance) -> None:
         for start in range(0, len(items), batch_size):

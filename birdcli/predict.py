@@ -235,7 +235,8 @@ def _run(predictor: Predictor, files: list[str], failed: list[Outcome], writer: 
         writer.add(f, [])
     done = 0
     show = len(files) > batch and err.is_terminal  # elsewhere a bar would only leave blank lines behind
-    with progress(transient=True) if show else _NoBar() as bar:
+    bar: Any = progress(transient=True) if show else _NoBar()
+    with bar:
         task = bar.add_task("predict", total=len(files))
         for chunk in batched(files, batch):
             for o in predictor.predict(chunk):
@@ -316,7 +317,7 @@ class _Writer:
             table.add_column(f"next {self.k - 1}", overflow="fold")
         for file, preds in self.rows:
             (s, p), rest = preds[0], preds[1:]
-            cells = [Text(file), Text(s), f"{p:.3f}"]
+            cells: list[Text | str] = [Text(file), Text(s), f"{p:.3f}"]
             if self.k > 1:
                 cells.append(Text(", ".join(f"{name} {q:.3f}" for name, q in rest)))
             table.add_row(*cells)
