@@ -203,3 +203,26 @@ def test_device_and_model_errors_are_one_line(tmp_path: Path, synthetic_data: Pa
     assert len(r.stderr.strip().splitlines()) <= 3
     r = run_birds("train", "--exp", "exp2", "data.root=nowhere", cwd=tmp_path)
     assert r.returncode == 1 and "birds data fetch" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        ["optimizer=sgd", "scheduler.name=linear", "train.grad_accum=2", "train.grad_clip=null"],
+        ["scheduler.name=constant", "scheduler.warmup_steps=2", "augment.enabled=true", "augment.rand_augment=true"],
+        ["train.early_stopping_patience=1", "optimizer.lr=0.0", "train.epochs=4", "train.label_smoothing=0.1"],
+        ["train.precision=fp32", "model.attn_implementation=eager", "data.cache=true"],
+    ],
+)
+def test_training_knobs_run(tmp_path: Path, synthetic_data: Path, knobs: list[str]):
+    from birdcli.config import load
+    from birdcli.train import train
+
+    base = [f"data.root={synthetic_data}", f"runs_dir={tmp_path}", "train.epochs=2", "data.num_workers=0"]
+    cfg = load("smoke", [*base, "tracking.wandb.mode=disabled", f"data.cache_dir={tmp_path / 'cache'}", *knobs])
+    run = train(cfg, device="cpu")
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    if "train.early_stopping_patience=1" in knobs:  # lr 0: nothing improves after epoch 1, so it stops after 2
+        assert len(rows) == 2
+    else:
+        assert len(rows) == 2 and (run / "best" / "model.safetensors").is_file()

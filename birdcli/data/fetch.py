@@ -64,7 +64,11 @@ def fetch(
             s = dict(synthetic or {})
             per_split = {k: s.get(f"{k}_per_class", 10) for k in layout.SPLITS}
             info(f"generating synthetic dataset ({s.get('num_classes', 10)} species, seed {s.get('seed', 0)})")
-            generate(staging, s.get("num_classes", 10), per_split, s.get("image_size", 32), s.get("seed", 0))
+            total = s.get("num_classes", 10) * sum(per_split.values())
+            with progress() as bar:
+                task = bar.add_task("drawing", total=total)
+                n, size, seed = s.get("num_classes", 10), s.get("image_size", 32), s.get("seed", 0)
+                generate(staging, n, per_split, size, seed, on_image=lambda: bar.advance(task))
             found = staging
         elif source == "dir":
             found = _copy_dir(path, staging, link)

@@ -5,6 +5,7 @@ Same seed, same bytes. Used by the smoke experiment and the tests; no network ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,14 @@ def _draw(name: str, size: int, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def generate(out: Path, num_classes: int, per_split: dict[str, int], image_size: int, seed: int) -> int:
+def generate(
+    out: Path,
+    num_classes: int,
+    per_split: dict[str, int],
+    image_size: int,
+    seed: int,
+    on_image: Callable[[], None] | None = None,
+) -> int:
     """Write the dataset under `out`; returns the number of images. Fully determined by the arguments."""
     rng = np.random.default_rng(seed)
     names = species_names(num_classes)
@@ -72,5 +80,7 @@ def generate(out: Path, num_classes: int, per_split: dict[str, int], image_size:
                 _draw(name, image_size, rng).save(out / rel, quality=92)
                 rows.append(CsvRow(float(class_id), rel, name, split, f"AVIS SYNTHETICA {class_id}"))
                 count += 1
+                if on_image is not None:
+                    on_image()
     write_csv(out, rows)
     return count
