@@ -12,6 +12,7 @@ import configparser
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,19 @@ def tune_down(repo: Path) -> None:
     smoke["data"]["num_workers"] = 0
     smoke["tracking"]["wandb"]["mode"] = "disabled"
     (configs / "experiment" / "smoke.yaml").write_text(yaml.safe_dump(smoke, sort_keys=False))
+
+
+def wipe(path: Path) -> None:
+    """rmtree that also removes DVC's read-only cache files (Windows refuses to delete those otherwise)."""
+
+    def make_writable_and_retry(func, target, _exc) -> None:
+        os.chmod(target, stat.S_IWRITE)
+        func(target)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=make_writable_and_retry)
+    else:
+        shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
 def digests(*roots: Path) -> dict[str, str]:
@@ -171,15 +185,15 @@ def test_push_wipe_pull_round_trip(pipeline: Path, tmp_path: Path) -> None:
     stages = list(yaml.safe_load((pipeline / "dvc.lock").read_text())["stages"])
     sh("dvc", "push", *stages, cwd=pipeline)
     assert any(p.is_file() for p in remote.rglob("*"))
-    shutil.rmtree(pipeline / ".dvc" / "cache")
+    wipe(pipeline / ".dvc" / "cache")
     for p in outs:
-        shutil.rmtree(p)
+        wipe(p)
     sh("dvc", "pull", *stages, cwd=pipeline)
     assert digests(*outs) == before
 
     # `birds data fetch --source dvc` pulls the dataset from the same remote.
-    shutil.rmtree(pipeline / ".dvc" / "cache")
-    shutil.rmtree(pipeline / "data" / "synthetic")
+    wipe(pipeline / ".dvc" / "cache")
+    wipe(pipeline / "data" / "synthetic")
     got = sh("birds", "data", "fetch", "--exp", "smoke", "--source", "dvc", "--root", "data/synthetic", cwd=pipeline)
     assert got.returncode == 0
     assert digests(outs[0]) == {k: v for k, v in before.items() if k.startswith(str(outs[0]))}
@@ -205,7 +219,7 @@ def test_fetch_dvc_add_then_source_dvc(pipeline: Path, tmp_path: Path) -> None:
     assert (pipeline / "data" / "raw.dvc").is_file()
     before = digests(pipeline / "data" / "raw")
     sh("dvc", "push", "data/raw.dvc", cwd=pipeline)
-    shutil.rmtree(pipeline / ".dvc" / "cache")
-    shutil.rmtree(pipeline / "data" / "raw")
+    wipe(pipeline / ".dvc" / "cache")
+    wipe(pipeline / "data" / "raw")
     sh("birds", "data", "fetch", "--source", "dvc", "--root", "data/raw", cwd=pipeline)
     assert digests(pipeline / "data" / "raw") == before
