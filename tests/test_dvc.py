@@ -97,12 +97,15 @@ def wipe(path: Path) -> None:
         shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
+UNTRACKED = {"checkpoint", ".checkpoint.old", "wandb"}  # left out of DVC by .dvcignore
+
+
 def digests(*roots: Path) -> dict[str, str]:
-    """sha256 of every file under `roots`, keyed by path: equal dicts mean the same files, bit for bit."""
+    """sha256 of every file DVC tracks under `roots`, keyed by path: equal dicts mean the same files, bit for bit."""
     found = {}
     for root in roots:
         for p in sorted(root.rglob("*")):
-            if p.is_file():
+            if p.is_file() and not UNTRACKED & set(p.relative_to(root).parts):
                 found[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     assert found, f"no files under {roots}"
     return found
@@ -144,6 +147,8 @@ def test_repro_runs_the_smoke_pipeline(pipeline: Path) -> None:
     run = pipeline / "runs" / "smoke" / "dvc"
     assert (pipeline / "data" / "synthetic" / "train").is_dir()
     assert (run / "best" / "model.safetensors").is_file()
+    assert (run / "checkpoint").is_dir()  # written by train, but not tracked:
+    assert sh("dvc", "check-ignore", "runs/smoke/dvc/checkpoint/", cwd=pipeline).returncode == 0
     lock = yaml.safe_load((pipeline / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["birdcli/configs/experiment/smoke.yaml"]["train"]["epochs"] == 1
 
@@ -190,6 +195,8 @@ def test_push_wipe_pull_round_trip(pipeline: Path, tmp_path: Path) -> None:
         wipe(p)
     sh("dvc", "pull", *stages, cwd=pipeline)
     assert digests(*outs) == before
+    run = pipeline / "runs" / "smoke" / "dvc"
+    assert (run / "best" / "model.safetensors").is_file() and not (run / "checkpoint").exists()
 
     # `birds data fetch --source dvc` pulls the dataset from the same remote.
     wipe(pipeline / ".dvc" / "cache")
