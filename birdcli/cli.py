@@ -379,6 +379,123 @@ def export_cmd(
     )  # fmt: skip
 
 
+# ---------------------------------------------------------------- serve and drift
+
+
+def _model_folder(model: str | None, runs_dir: str) -> str:
+    """An ONNX export folder as given, else what `model.resolve` makes of a run/model folder (or the latest run)."""
+    from birdcli.model import resolve
+
+    if model is not None and (Path(model) / "model.onnx").is_file():
+        return model
+    return str(resolve(model, runs_dir))
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="A run folder, HF model folder or ONNX export folder (default: the latest run's best/)."),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (0.0.0.0 for every interface, e.g. in Docker).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Server processes, each loading the model once.")] = 1,
+    device: Device = "auto",
+    precision: Precision = "auto",
+    backend: Annotated[
+        str, typer.Option("--backend", help="auto | torch | onnx (auto: onnx for a folder holding model.onnx).")
+    ] = "auto",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Species per image unless a request asks (?top_k=).")] = 5,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body (413 above it).")] = 10.0,
+    max_files: Annotated[int, typer.Option("--max-files", help="Most images in one /predict/batch request.")] = 32,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most images per forward pass across requests.")] = 16,
+    monitor: Annotated[
+        Path | None, typer.Option("--monitor", help="Record a summary of each input here (for birds drift).")
+    ] = None,
+    monitor_max_mb: Annotated[float, typer.Option("--monitor-max-mb", help="Rotate the store at this size.")] = 50.0,
+    monitor_backups: Annotated[int, typer.Option("--monitor-backups", help="Rotated store files kept.")] = 5,
+    monitor_images: Annotated[
+        bool, typer.Option("--monitor-images", help="Also keep the uploaded images (off: summaries only).")
+    ] = False,
+    embeddings: Annotated[
+        bool, typer.Option("--embeddings/--no-embeddings", help="Record the model's embedding with --monitor.")
+    ] = True,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="One log line per request.")] = True,
+    config_dir: ConfigDir = None,
+) -> None:
+    """Serve a model over HTTP: POST /predict, /predict/batch; GET /health, /ready, /labels, /metrics, /docs.
+
+    Needs the serve extra: pip install 'birdcli[serve]'. An ONNX export folder is served without torch.
+    Examples:
+      [bold]birds serve[/]                                             latest run, http://127.0.0.1:8000
+      [bold]curl -F image=@bird.jpg http://127.0.0.1:8000/predict[/]
+      [bold]birds serve runs/smoke/20250101-120000/onnx-fp32 --host 0.0.0.0 --workers 2 --monitor monitor/[/]
+    """
+    cfg = _load(None, None, config_dir)
+    folder = _model_folder(model, cfg.runs_dir)
+    try:
+        from birdcli.serve import Settings, serve
+    except ImportError as e:
+        raise BirdsError(f"birds serve needs {e.name}", "pip install 'birdcli[serve]'") from e
+
+    settings = Settings(
+        model=folder, device=device, precision=precision, backend=backend, top_k=top_k, max_body_mb=max_body_mb,
+        max_files=max_files, max_batch=max_batch, monitor=str(monitor) if monitor else None,
+        monitor_max_mb=monitor_max_mb, monitor_backups=monitor_backups, monitor_images=monitor_images,
+        embeddings=embeddings,
+    )  # fmt: skip
+    serve(settings, host, port, workers, access_log=access_log)
+
+
+@app.command("drift")
+def drift_cmd(
+    current: Annotated[
+        str, typer.Option("--current", "-c", help="A folder of images, or a store written by birds serve --monitor.")
+    ],
+    reference: Annotated[
+        str | None,
+        typer.Option("--reference", "-r", help="Folder or store to compare with (default: <data.root>/train)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help="Model for predictions/embeddings of image folders (run, HF or ONNX)."),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Where drift.json/.png/.html go.")] = Path("drift"),
+    alpha: Annotated[float, typer.Option("--alpha", help="Chance of a false alarm over all checks.")] = 0.05,
+    max_images: Annotated[
+        int, typer.Option("--max-images", help="Images per side (folders: evenly spread; stores: the latest).")
+    ] = 500,
+    device: Device = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print drift.json instead of the table.")] = False,
+    config_dir: ConfigDir = None,
+) -> None:
+    """Compare what the model sees now with a reference: image statistics, predicted species, embeddings.
+
+    Exit code 1 when drift is found (like data check), 0 when not. Needs the serve extra (scipy).
+    Examples:
+      [bold]birds drift --reference data/raw/train --current monitor/ --model runs/smoke/20250101-120000[/]
+      [bold]birds drift --reference data/raw/train --current photos/from/the/field/ --json[/]
+    """
+    cfg = _load(None, None, config_dir)
+    try:
+        import scipy  # noqa: F401
+    except ImportError as e:
+        raise BirdsError("birds drift needs scipy", "pip install 'birdcli[serve]'") from e
+    from birdcli.drift import drift, print_report
+
+    ref = reference or str(Path(cfg.data.root) / "train")
+    folder = _model_folder(model, cfg.runs_dir) if model else None
+    report = drift(ref, current, folder, out_dir, alpha, max_images, device, cfg.runs_dir)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    if report["drifted"]:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and an exit code."""
     try:
