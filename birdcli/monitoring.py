@@ -201,11 +201,18 @@ def is_store(path: str | os.PathLike[str]) -> bool:
 
 
 def store_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The files of a store: a folder's `*.jsonl*`, or a file plus its rotated siblings (`.1`, `.2`, ...)."""
+    """The files of a store, oldest first: a folder's `*.jsonl*`, or a file plus its rotated siblings (`.1`, ...)."""
     p = Path(path)
     if p.is_dir():
-        return sorted(f for f in p.iterdir() if f.is_file() and _ROTATED.fullmatch(f.name))
-    return [p, *sorted(f for f in p.parent.glob(f"{p.name}.*") if f.suffix[1:].isdigit())]
+        files = [f for f in p.iterdir() if f.is_file() and _ROTATED.fullmatch(f.name)]
+    else:
+        files = [p, *(f for f in p.parent.glob(f"{p.name}.*") if f.suffix[1:].isdigit())]
+
+    def age(f: Path) -> tuple[str, int]:  # requests.jsonl.3 is older than .1, which is older than requests.jsonl
+        base, _, n = f.name.partition(".jsonl")
+        return base, -int(n[1:]) if n[1:].isdigit() else 0
+
+    return sorted(files, key=age)
 
 
 def read_store(path: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], int]:

@@ -745,12 +745,14 @@ def serve(
         os.environ[SETTINGS_ENV] = json.dumps(asdict(settings) | {"per_process_store": True})
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="birds-prometheus-")
-        uvicorn.run("birdcli.serve:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown
+            uvicorn.run("birdcli.serve:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]
         return
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=5, **common))  # type: ignore[arg-type]
     state: State = app.state.birds
     state.on_fatal = lambda error: setattr(server, "should_exit", True)
-    server.run()
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a server is stopped: exit 0 after a clean shutdown
+        server.run()
     if state.error:
         raise BirdsError(f"cannot serve {settings.model}: {state.error}")
