@@ -14,6 +14,7 @@ from PIL import Image
 
 from birdcli.errors import BirdsError
 from birdcli.evaluate import calibration, compute, confusion_view, evaluate, most_confused
+from tests import wandb_log
 from tests.conftest import run_birds
 
 REPORTS = ["metrics.json", "per_class.csv", "confusion.csv", "confused_pairs.csv", "misclassified.csv"]
@@ -187,10 +188,14 @@ def test_logs_to_the_training_runs_wandb_run(smoke_run, tmp_path):
     (run / "config.yaml").write_text(cfg.replace("mode: disabled", "mode: offline"))
     meta = json.loads((run / "checkpoint" / "meta.json").read_text())
     (run / "checkpoint" / "meta.json").write_text(json.dumps({**meta, "wandb_id": "evaltest42"}))
-    evaluate(str(run), device="cpu", workers=0)
+    # a subprocess: wandb's service finishes writing the offline log by the time the process has exited
+    r = run_birds("evaluate", str(run), "--device", "cpu", "--workers", "0", "--json", env={"WANDB_MODE": "offline"})
+    assert r.returncode == 0, r.stderr
     logs = list((run / "wandb").glob("offline-run-*-evaltest42/run-evaltest42.wandb"))
     assert len(logs) == 1
-    assert b"eval/test/top1" in logs[0].read_bytes()
+    logged = {k: v for row in wandb_log.history(logs[0]) for k, v in row.items()}
+    assert logged["eval/test/top1"] == pytest.approx(json.loads(r.stdout)["top1"])
+    assert logged["eval/test/samples"] == 24
 
 
 def test_a_bare_model_folder_reports_to_eval(smoke_run, synthetic_data, tmp_path, monkeypatch):
