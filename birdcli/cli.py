@@ -413,6 +413,9 @@ def serve_cmd(
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body (413 above it).")] = 10.0,
     max_files: Annotated[int, typer.Option("--max-files", help="Most images in one /predict/batch request.")] = 32,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most images per forward pass across requests.")] = 16,
+    threads: Annotated[
+        int, typer.Option("--threads", help="Intra-op threads per worker for the model (0: one per core).")
+    ] = 0,
     monitor: Annotated[
         Path | None, typer.Option("--monitor", help="Record a summary of each input here (for birds drift).")
     ] = None,
@@ -444,7 +447,7 @@ def serve_cmd(
 
     settings = Settings(
         model=folder, device=device, precision=precision, backend=backend, top_k=top_k, max_body_mb=max_body_mb,
-        max_files=max_files, max_batch=max_batch, monitor=str(monitor) if monitor else None,
+        max_files=max_files, max_batch=max_batch, threads=threads, monitor=str(monitor) if monitor else None,
         monitor_max_mb=monitor_max_mb, monitor_backups=monitor_backups, monitor_images=monitor_images,
         embeddings=embeddings,
     )  # fmt: skip

@@ -64,6 +64,7 @@ class Settings:
     max_body_mb: float = 10.0
     max_files: int = 32
     max_batch: int = 16
+    threads: int = 0  # intra-op threads for the model (0: the library's default, one per core)
     monitor: str | None = None
     monitor_max_mb: float = 50.0
     monitor_backups: int = 5
@@ -457,10 +458,8 @@ class State:
     def load(self) -> None:
         s = self.settings
         try:
-            from birdcli.predict import load_predictor
-
             start = time.perf_counter()
-            predictor = load_predictor(s.model, s.device, s.precision, s.backend)
+            predictor = _load_predictor(s)
             backend = "onnx" if type(predictor).__name__.lower().startswith("onnx") else "torch"
             self.model = ModelInfo(name=self.model.name, version=model_version(Path(s.model)), backend=backend)
             embedder = None
@@ -493,6 +492,22 @@ class State:
         if self.store:
             self.store.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _load_predictor(s: Settings) -> Any:
+    """The `birdcli.predict` seam's predictor, with --threads applied (ONNX: its session; torch: intra-op threads)."""
+    from birdcli.onnx_backend import OnnxPredictor, is_export
+    from birdcli.predict import load_predictor
+
+    onnx = s.backend == "onnx" or (s.backend == "auto" and is_export(s.model))
+    if onnx and s.threads:
+        return OnnxPredictor(s.model, s.device, s.threads)
+    predictor = load_predictor(s.model, s.device, s.precision, s.backend)
+    if s.threads and not onnx:
+        import torch
+
+        torch.set_num_threads(s.threads)  # process-wide: the batcher thread is the only one running the model
+    return predictor
 
 
 def _warm_up(predictor: Any, tmp: Path) -> None:
