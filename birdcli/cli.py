@@ -432,7 +432,7 @@ def serve_cmd(
 ) -> None:
     """Serve a model over HTTP: POST /predict, /predict/batch; GET /health, /ready, /labels, /metrics, /docs.
 
-    Needs the serve extra: pip install 'birdcli[serve]'. An ONNX export folder is served without torch.
+    Needs the serve extra: pip install 'birdcli\\[serve]'. An ONNX export folder is served without torch.
     Examples:
       [bold]birds serve[/]                                             latest run, http://127.0.0.1:8000
       [bold]curl -F image=@bird.jpg http://127.0.0.1:8000/predict[/]
@@ -541,9 +541,10 @@ def _fail(message: str, code: int, exc: BaseException | None, hint: str | None =
     if exc is not None and os.environ.get("BIRDS_DEBUG") == "1":
         raise exc
     from rich.console import Console
+    from rich.markup import escape
 
     line = message.strip().splitlines()[0] if message.strip() else "failed"
-    Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[bold red]error:[/] {line}" + (f" ({hint})" if hint else "")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(  # escaped: "pip install 'birdcli[serve]'" stays whole
+        f"[bold red]error:[/] {escape(line)}" + (f" ({escape(hint)})" if hint else "")
     )
     sys.exit(code)
