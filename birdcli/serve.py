@@ -660,7 +660,7 @@ async def _predict_one(st: State, upload: UploadFile, k: int, route: str) -> tup
     else:
         problem = None
     summary: dict[str, Any] = {}
-    path = st.tmp / f"{uuid.uuid4().hex}{Path(upload.filename or '').suffix[:8]}"
+    path = st.tmp / uuid.uuid4().hex  # never the client's file name: Pillow tells formats by their bytes
     try:
         if problem is None:
             try:
@@ -758,10 +758,15 @@ def serve(
     common = {"host": host, "port": port, "log_level": log_level, "access_log": access_log}
     if workers > 1:  # each process loads the model once; metrics are summed over them through a shared folder
         os.environ[SETTINGS_ENV] = json.dumps(asdict(settings) | {"per_process_store": True})
+        scratch = None
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="birds-prometheus-")
-        with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown
-            uvicorn.run("birdcli.serve:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+            scratch = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="birds-prometheus-")
+        try:
+            with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after a clean shutdown
+                uvicorn.run("birdcli.serve:app_from_env", factory=True, workers=workers, **common)  # type: ignore[arg-type]
+        finally:
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
         return
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=5, **common))  # type: ignore[arg-type]

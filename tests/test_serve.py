@@ -132,6 +132,14 @@ def test_predict_batch_reports_each_file(client, photos):
     assert_json_error(client.post("/predict/batch", files=too_many), 413, "too_many_files")
 
 
+def test_uploads_leave_no_files_and_names_are_not_trusted(client, photos, tmp_path):
+    for name in ("../../../../tmp/evil.jpg", "a\\b.jpg", "x" * 300, "ünïcode.péng"):
+        r = client.post("/predict", files={"image": (name, photos[0].read_bytes(), "image/jpeg")})
+        assert r.status_code == 200, (name, r.text)
+    assert not Path("/tmp/evil.jpg").exists()
+    assert list(client.app.state.birds.tmp.iterdir()) == []  # each upload's file lives for its request only
+
+
 def test_health_ready_labels(client, model_dir):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
