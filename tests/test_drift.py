@@ -169,3 +169,12 @@ def test_unreadable_images_are_skipped(synthetic_data, sets, tmp_path):
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     report = drift(str(synthetic_data / "train"), str(folder), None, tmp_path / "out")
     assert report["current"]["images"] == 48 and report["current"]["skipped"] == 1
+
+
+def test_real_photos_held_back_passes_and_darkened_is_flagged(birds_mini, tmp_path):
+    """Real bird photos (birds-mini: 20 species): the valid and test splits against train, image statistics only."""
+    held = held_back(birds_mini)
+    ok = drift(str(birds_mini / "train"), str(write_set(tmp_path / "held", held)), None, tmp_path / "ok")
+    assert ok["verdict"] == "no drift", [(c["name"], c["p_value"]) for c in ok["checks"]]
+    dark = drift(str(birds_mini / "train"), str(write_set(tmp_path / "dark", held, darken)), None, tmp_path / "dark")
+    assert {"brightness", "red", "green", "blue"} <= set(dark["drifted"])

@@ -140,6 +140,13 @@ def test_uploads_leave_no_files_and_names_are_not_trusted(client, photos, tmp_pa
     assert list(client.app.state.birds.tmp.iterdir()) == []  # each upload's file lives for its request only
 
 
+def test_real_photos(client, birds_mini):
+    files = sorted((birds_mini / "test").rglob("*.jpg"))[:4]
+    r = client.post("/predict/batch", files=[("images", (f.name, f.read_bytes(), "image/jpeg")) for f in files])
+    assert r.status_code == 200 and [x["status"] for x in r.json()["results"]] == [200] * 4, r.text
+    assert all(x["image"]["width"] >= 100 for x in r.json()["results"])
+
+
 def test_health_ready_labels(client, model_dir):
     assert client.get("/health").json() == {"status": "ok"}
     ready = client.get("/ready")
