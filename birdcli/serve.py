@@ -189,8 +189,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 class Problem(HTTPException):
     """An HTTP error with a machine-readable code; rendered as {"error": code, "detail": reason}."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(status_code=status, detail=detail)
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status_code=status, detail=detail, headers=headers)
         self.code = code
 
 
@@ -575,7 +575,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     def need_ready() -> State:
         if not state.ready:
-            raise Problem(503, "not_ready", state.error or "the model is still loading; retry shortly")
+            if state.error:
+                raise Problem(503, "not_ready", f"the model failed to load: {state.error}")
+            raise Problem(503, "not_ready", "the model is still loading; retry shortly", {"Retry-After": "1"})
         return state
 
     @app.post(

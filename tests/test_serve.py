@@ -221,6 +221,26 @@ def test_a_bug_is_a_json_500_without_traceback(model_dir, photos, monkeypatch):
         assert "secret" not in r.text and "RuntimeError" not in r.text, body
 
 
+def test_loading_answers_503_with_retry_after(model_dir, photos, monkeypatch):
+    import birdcli.serve as serve
+
+    gate = threading.Event()
+    real = serve._load_predictor
+    monkeypatch.setattr(serve, "_load_predictor", lambda s: gate.wait(60) and real(s))  # the real load, held back
+    app = create_app(Settings(model=str(model_dir)))
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        assert c.get("/ready").json() == {"ready": False, "status": "loading", "detail": ""}
+        r = c.post("/predict", files={"image": ("a.jpg", photos[0].read_bytes(), "image/jpeg")})
+        assert_json_error(r, 503, "not_ready")
+        assert r.headers["retry-after"] == "1"
+        gate.set()
+        deadline = time.monotonic() + 60
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.post("/predict", files={"image": ("a.jpg", photos[0].read_bytes())}).status_code == 200
+
+
 def test_not_ready_until_loaded_and_failed_load(tmp_path, photos):
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -471,6 +491,9 @@ def test_onnx_server_with_two_workers_sums_metrics(onnx_dir, photos):
     server = Server(str(onnx_dir), "--workers", "2")
     try:
         server.wait_ready()
+        deadline = time.monotonic() + 60
+        while server.log.getvalue().count("loaded in") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # /ready answered for one process; the other may still be loading (and answer 503)
         with httpx.Client(base_url=server.url, timeout=30) as http:
             for i in range(12):
                 r = http.post(
