@@ -326,6 +326,10 @@ def profile_cmd(
       [bold]birds profile --exp smoke[/]                               about a minute on 2 CPU cores
       [bold]birds profile --exp exp2 --device cuda --steps 20 train.batch_size=64[/]
     """
+    if steps < 1 or warmup < 0:
+        from birdcli.errors import UsageError
+
+        raise UsageError("--steps must be at least 1 and --warmup at least 0")
     cfg = _load(exp, overrides, config_dir)
     from birdcli.profiling import open_snakeviz, print_summary, profile
 

@@ -210,14 +210,19 @@ def _quantize_int8(fp32: Path, dst: Path, scratch: Path) -> None:
 
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
-    logging.getLogger().setLevel(logging.ERROR)  # the tool logs a pre-processing hint on the root logger
-    prepped = scratch / "model.pre.onnx"
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the tool logs a pre-processing hint on the root logger
     try:
-        quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
-    except Exception as e:  # pre-processing is an optimisation: quantize the plain graph if it fails
-        warn(f"quantization pre-processing skipped: {_first_line(e)}")
-        prepped = fp32
-    quantize_dynamic(str(prepped), str(dst), weight_type=QuantType.QInt8)
+        prepped = scratch / "model.pre.onnx"
+        try:
+            quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
+        except Exception as e:  # pre-processing is an optimisation: quantize the plain graph if it fails
+            warn(f"quantization pre-processing skipped: {_first_line(e)}")
+            prepped = fp32
+        quantize_dynamic(str(prepped), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
 
 
 def _write_metadata(model_dir: Path, folder: Path, labels: list[str], prep: models.Preprocess) -> None:
@@ -255,11 +260,19 @@ def _check_items(
         if not files:
             raise UsageError("--check-images names no image files")
         return [(f, -1) for f in _spread(files, limit)], f"{len(files)} file(s) from --check-images"
-    root = _run_data_root(model_dir)
-    if root is None:
+    config = model_dir.parent / "config.yaml"
+    if not config.is_file():
         raise BirdsError(
             f"no images to verify the export on: {model_dir} is not in a run folder with a config.yaml",
             "pass --check-images FILE_OR_FOLDER ...",
+        )
+    from omegaconf import OmegaConf
+
+    root = Path(str(OmegaConf.load(config).data.root))
+    if not root.is_dir():
+        raise BirdsError(
+            f"no images to verify the export on: the run's data root {root} is not here",
+            "run from the folder the model was trained in, or pass --check-images FILE_OR_FOLDER ...",
         )
     index = {name: i for i, name in enumerate(labels)}
     for split in ("valid", "test"):
@@ -267,16 +280,6 @@ def _check_items(
         if found:
             return _spread(found, limit), f"{split} split of {root} ({len(found)} images)"
     raise BirdsError(f"no validation images in {root} (valid/ or test/)", "pass --check-images FILE_OR_FOLDER ...")
-
-
-def _run_data_root(model_dir: Path) -> Path | None:
-    config = model_dir.parent / "config.yaml"
-    if not config.is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    root = Path(str(OmegaConf.load(config).data.root))
-    return root if root.is_dir() else None
 
 
 def _expand(args: Sequence[str]) -> list[Path]:

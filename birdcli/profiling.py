@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, record_function
 from torch.utils.data import DataLoader
 
 from birdcli import model as models
-from birdcli.console import info, out
+from birdcli.console import info, out, warn
 from birdcli.data import layout
 from birdcli.data.dataset import BirdImages, class_names, collate, normalize, samples, train_transform
 from birdcli.device import autocast, pick_device, pick_precision, precision_name, seed_everything
@@ -152,7 +152,11 @@ def profile(
     # ---- warm-up (kernels, allocator, loader workers), then the FLOPs of one step
     for _ in range(warmup):
         train_step()
-    flops_per_step = _count_flops(train_step)
+    try:
+        flops_per_step = _count_flops(train_step)
+    except Exception as e:  # e.g. a compiled model the counter cannot follow: report no utilisation, not a crash
+        warn(f"could not count FLOPs ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
+        flops_per_step = 0
     if inference:
         inference_pass()  # warms the eval path
 
@@ -204,7 +208,7 @@ def profile(
         "flops_per_step": flops_per_step,
         "achieved_flops_per_s": achieved,
         "peak_matmul_flops_per_s": peak,
-        "mfu": achieved / peak if peak > 0 else None,
+        "mfu": achieved / peak if peak > 0 and flops_per_step else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
         "top_functions": _top_functions(prof_path),
         "top_operators": _top_operators(tprof, dev),
