@@ -25,7 +25,7 @@ class DecodedCache:
         folder.mkdir(parents=True, exist_ok=True)
         self.pixels_path = folder / f"{key}-{size[0]}x{size[1]}.u8.npy"
         self.done_path = folder / f"{key}-{size[0]}x{size[1]}.done.npy"
-        self.size = tuple(size)
+        self.size: tuple[int, int] = (size[0], size[1])
         n = len(files)
         if not (self.pixels_path.exists() and self.done_path.exists()):
             np.lib.format.open_memmap(self.pixels_path, mode="w+", dtype=np.uint8, shape=(n, size[0], size[1], 3))
