@@ -163,7 +163,7 @@ def build_vit_base(folder: Path, classes: int) -> Path:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     labels = {i: f"SPECIES {i:03d}" for i in range(classes)}
-    config = ViTConfig(num_labels=classes, id2label=labels, label2id={v: k for k, v in labels.items()})
+    config = ViTConfig(num_labels=classes, id2label=labels, label2id={v: k for k, v in labels.items()})  # type: ignore[call-arg]
     ViTForImageClassification(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
     return folder
