@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def run_cli(args: list[str], block: bool) -> tuple[int, list[str], str, str]:
         capture_output=True,
         text=True,
         timeout=120,
-        env={"BIRDS_QUIET": "1", "COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        env={**os.environ, "BIRDS_QUIET": "1", "COLUMNS": "200"},
     )
     line = [x for x in r.stderr.splitlines() if x.startswith("RESULT ")]
     assert line, r.stderr
