@@ -24,7 +24,7 @@ def quiet() -> bool:
 
 
 def progress(*extra_columns: object, transient: bool = False) -> Progress:
-    """A progress bar on stderr; disabled when quiet or when stderr is not a terminal-like console."""
+    """A progress bar on stderr."""
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -34,7 +34,9 @@ def progress(*extra_columns: object, transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         *extra_columns,
     ]
-    return Progress(*columns, console=err, transient=transient, disable=quiet())  # type: ignore[arg-type]
+    # Off where a bar would only leave blank lines behind (pipes, CI logs) and with --quiet.
+    disable = quiet() or not err.is_terminal
+    return Progress(*columns, console=err, transient=transient, disable=disable)  # type: ignore[arg-type]
 
 
 def info(message: str) -> None:

@@ -217,7 +217,6 @@ def _torch_logits(
 
     dev = pick_device(device)
     dtype = pick_precision(precision, dev)
-    _quiet_transformers()
     net, processor = models.load(model_dir)
     net.to(dev)
     names = models.labels_of(net)
@@ -284,12 +283,6 @@ def _onnx_logits(
     idx_arr = np.array(idx, dtype=np.int64)
     labels = np.array([items[i][1] for i in idx], dtype=np.int64)
     return names, items, check, np.concatenate(logits), labels, idx_arr
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()  # no "Loading weights" bar on every command
 
 
 def _run_data_root(run: Path | None) -> str | None:

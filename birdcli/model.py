@@ -64,6 +64,7 @@ def build(
         ViTImageProcessor,
     )
 
+    _quiet_transformers()
     id2label = dict(enumerate(labels))
     label2id = {name: i for i, name in id2label.items()}
     if pretrained:
@@ -97,6 +98,13 @@ def build(
     return model, processor
 
 
+def _quiet_transformers() -> None:
+    """No "Loading weights" / "Writing model shards" bars: our own progress and log lines are enough."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -125,6 +133,7 @@ def load(folder: str | os.PathLike[str], attn_implementation: str | None = None)
     """(model in eval mode, image processor) from a Hugging Face folder; weights from safetensors only."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
+    _quiet_transformers()
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -143,11 +152,9 @@ def labels_of(model: Any) -> list[str]:
 
 def save(model: Any, processor: Any, folder: Path) -> None:
     """save_pretrained both, atomically: the folder is replaced whole or not at all."""
-    from transformers.utils import logging
-
     from birdcli.checkpoint import atomic_dir
 
-    logging.disable_progress_bar()
+    _quiet_transformers()
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)

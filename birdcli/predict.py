@@ -75,9 +75,6 @@ class TorchPredictor:
 
         self.device = pick_device(device)
         self.dtype = pick_precision(precision, self.device)
-        from transformers.utils import logging
-
-        logging.disable_progress_bar()  # no "Loading weights" bar on every command
         net, processor = models.load(model_dir)
         self.net = net.to(self.device)
         self.labels = models.labels_of(net)
