@@ -54,6 +54,10 @@ def profile(
     dtype = pick_precision(tc.precision, dev)
     seed_everything(tc.seed)
     out_dir = _out_dir(out_dir, cfg.exp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if dev.type == "cpu" and load > cores - 0.5:  # busy threads make every op wait: timings come out several x slower
+        warn(f"the CPU is busy (load average {load:.1f} on {cores} cores): timings will be slower and noisy")
 
     # ---- data: the experiment's train split with its augmentation, and its validation split for inference
     root = Path(cfg.data.root)
@@ -112,20 +116,28 @@ def profile(
     )
 
     def train_step() -> tuple[list[float], int]:
-        """One optimizer step, synchronised between phases: ([data, forward, backward, optimizer] seconds, images)."""
-        t = [time.perf_counter()]
-        with record_function("data"):
-            images, labels, _ = next(batches)
-            images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
-        t.append(_sync(dev))
-        with record_function("forward"):
-            with autocast(dev, dtype):
-                logits = net(pixel_values=normalize(images, prep.mean, prep.std)).logits
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
-        t.append(_sync(dev))
-        with record_function("backward"):
-            scaler.scale(loss).backward()
-        t.append(_sync(dev))
+        """One optimizer step (train.grad_accum micro-batches), synchronised between phases.
+
+        Returns ([data wait, forward, backward, optimizer] seconds, images).
+        """
+        split, seen = [0.0] * len(PHASES), 0
+        for _ in range(tc.grad_accum):
+            t0 = time.perf_counter()
+            with record_function("data"):
+                images, labels, _ = next(batches)
+                images, labels = images.to(dev, non_blocking=True), labels.to(dev, non_blocking=True)
+            t1 = _sync(dev)
+            with record_function("forward"):
+                with autocast(dev, dtype):
+                    logits = net(pixel_values=normalize(images, prep.mean, prep.std)).logits
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=tc.label_smoothing)
+            t2 = _sync(dev)
+            with record_function("backward"):
+                scaler.scale(loss / tc.grad_accum).backward()
+            t3 = _sync(dev)
+            split = [split[0] + t1 - t0, split[1] + t2 - t1, split[2] + t3 - t2, 0.0]
+            seen += len(labels)
+        t3 = time.perf_counter()
         with record_function("optimizer"):
             if tc.grad_clip:
                 scaler.unscale_(optimizer)
@@ -133,8 +145,8 @@ def profile(
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        t.append(_sync(dev))
-        return [b - a for a, b in zip(t, t[1:], strict=False)], len(labels)
+        split[3] = _sync(dev) - t3
+        return split, seen
 
     @torch.no_grad()
     def inference_pass() -> tuple[float, int]:
@@ -195,8 +207,10 @@ def profile(
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "threads": torch.get_num_threads(),
+        "load_average_at_start": load,
         "precision": precision_name(dtype),
         "batch_size": tc.batch_size,
+        "grad_accum": tc.grad_accum,
         "image_size": list(prep.size),
         "loader_workers": workers,
         "warmup_steps": warmup,
@@ -227,7 +241,8 @@ def print_summary(s: dict[str, Any]) -> None:
     """The rich tables: step split, throughput and utilisation, top functions, top operators, then where files are."""
     from rich.table import Table
 
-    t = Table(title=f"training step: {s['exp']} on {s['device']} ({s['precision']}), batch {s['batch_size']}")
+    accum = f" x {s['grad_accum']} micro-batches" if s["grad_accum"] > 1 else ""
+    t = Table(title=f"training step: {s['exp']} on {s['device']} ({s['precision']}), batch {s['batch_size']}{accum}")
     t.add_column("phase")
     t.add_column("ms/step", justify="right")
     t.add_column("share", justify="right")
@@ -243,7 +258,8 @@ def print_summary(s: dict[str, Any]) -> None:
         + (f" | inference {infer:.1f} images/s" if infer else "")
         + f" | {s['flops_per_step'] / 1e9:.3g} GFLOP/step -> {s['achieved_flops_per_s'] / 1e12:.3g} TFLOP/s"
         f" of a measured {s['peak_matmul_flops_per_s'] / 1e12:.3g} TFLOP/s {s['precision']} matmul peak"
-        + (f" = [bold]{mfu:.1%} MFU[/]" if mfu is not None else ""),
+        + (f" = [bold]{mfu:.1%} MFU[/]" if mfu is not None else "")
+        + (f" | peak GPU memory {s['peak_memory_bytes'] / 2**30:.2f} GiB" if s["peak_memory_bytes"] else ""),
         highlight=False,
     )
 

@@ -23,6 +23,7 @@ def profiled(tmp_path_factory, synthetic_data) -> tuple[Path, str]:
     r = run_birds(
         "profile", "--exp", "smoke", "--steps", "2", "--warmup", "1", "--out", str(out), "--device", "cpu",
         f"data.root={synthetic_data}", "data.num_workers=0", "train.batch_size=8", "train.eval_batch_size=8",
+        "train.grad_accum=2",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     return out, r.stdout
@@ -41,7 +42,7 @@ def test_profile_writes_prof_trace_and_summary(profiled):
     assert any(str(n).startswith("aten::") for n in names)
 
     s = json.loads((out / "summary.json").read_text())
-    assert s["steps"] == 2 and s["batch_size"] == 8
+    assert s["steps"] == 2 and s["batch_size"] == 8 and s["grad_accum"] == 2  # a step is 2 micro-batches of 8
     assert set(s["split_seconds"]) == {"data", "forward", "backward", "optimizer"}
     assert s["step_seconds"] == pytest.approx(sum(s["split_seconds"].values()))
     assert s["train_images_per_s"] > 0 and s["inference_images_per_s"] > 0
