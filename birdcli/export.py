@@ -60,7 +60,6 @@ def export(
 
     # ---- the model and the images to verify on
     model_dir = models.resolve(model, runs_dir)
-    _quiet_transformers()
     net, processor = models.load(model_dir)
     labels, prep = models.labels_of(net), models.preprocess_of(processor)
     items, source = _check_items(model_dir, check_images, labels, max_check_images)
@@ -445,13 +444,6 @@ def _default_out(model_dir: Path, quantize: str) -> Path:
     if model_dir.name in ("best", "last") and (model_dir.parent / "config.yaml").is_file():
         return model_dir.parent / (tag if model_dir.name == "best" else f"{tag}-last")
     return model_dir.with_name(f"{model_dir.name}-{tag}")
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
 
 
 def _versions() -> dict[str, str]:

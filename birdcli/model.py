@@ -103,6 +103,7 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
 
 
 def _first_line(e: BaseException) -> str:
