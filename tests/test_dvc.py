@@ -176,7 +176,8 @@ def test_exp_run_set_param_reruns_training(pipeline: Path) -> None:
     assert "Running stage 'train'" in done and "Stage 'fetch' didn't change" in done, done
     history = (pipeline / "runs" / "smoke" / "dvc" / "history.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in history[1:]] == ["1", "2"], history  # the epoch column
-    assert (pipeline / "configs").is_symlink(), "dvc exp run must not replace the configs link"
+    if (REPO / "configs").is_symlink():  # a plain file where git checks out without symbolic links (Windows)
+        assert (pipeline / "configs").is_symlink(), "dvc exp run must not replace the configs link"
 
 
 def test_push_wipe_pull_round_trip(pipeline: Path, tmp_path: Path) -> None:
