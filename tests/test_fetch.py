@@ -101,7 +101,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             self.connection.shutdown(2)
             return
-        step = 4096 if self.path in self.slow else len(body)
+        step = 1024 if self.path in self.slow else len(body)
         for i in range(0, len(body), step):
             self.wfile.write(body[i : i + step])
             if self.path in self.slow:
@@ -231,9 +231,13 @@ def test_interrupted_fetch_leaves_no_dataset(tmp_path: Path, server, dataset_zip
         env={**os.environ, "BIRDS_QUIET": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".raw.partial") for p in tmp_path.iterdir()):
-        time.sleep(0.02)
-    time.sleep(0.3)  # mid-download
+
+    def downloading() -> bool:  # the archive is being written next to the staging folder
+        return any(p.name.endswith("slow.zip") and p.stat().st_size > 0 for p in tmp_path.iterdir())
+
+    while time.time() < deadline and not downloading():
+        assert proc.poll() is None, "fetch ended before it could be interrupted"
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "raw").exists() and not layout.looks_complete(tmp_path / "raw")

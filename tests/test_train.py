@@ -168,7 +168,15 @@ def test_torchrun_gloo_matches_single_process(tmp_path: Path, synthetic_data: Pa
 
 
 def test_wandb_offline_run_is_written_and_resumed_with_same_id(tmp_path: Path, synthetic_data: Path):
-    args = ["--exp", "smoke", "--quiet", f"data.root={synthetic_data}", "train.epochs=1", "data.num_workers=0"]
+    args = [
+        "--exp",
+        "smoke",
+        "--quiet",
+        f"data.root={synthetic_data}",
+        "train.epochs=1",
+        "data.num_workers=0",
+        "train.log_every=1",
+    ]
     env = {"WANDB_MODE": "offline"}
     r = run_birds("train", *args, "tracking.wandb.mode=offline", "--name", "w", cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
