@@ -135,7 +135,7 @@ def download(url: str, dst: Path, sha256: str | None) -> None:
             got = 0
             with progress() as bar:
                 task = bar.add_task("downloading", total=total)
-                while chunk := resp.read(1 << 20):
+                while chunk := resp.read1(1 << 20):  # what has arrived, so the bar moves
                     f.write(chunk)
                     digest.update(chunk)
                     got += len(chunk)
