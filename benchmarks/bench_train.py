@@ -66,7 +66,7 @@ def run_trainer(items, labels, steps: int, batch: int, out: str) -> float:
 
     from birdcli.model import build
 
-    model, _ = build("vit-tiny", labels, False, _tiny_arch(), "sdpa")
+    model, _ = build("vit-tiny", labels, False, _tiny_arch(), _attention())  # the same model birds trains
     processor = ViTImageProcessorPil(size={"height": 224, "width": 224}, image_mean=MEAN, image_std=STD)
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=batch, max_steps=steps, report_to=[], save_strategy="no",
@@ -108,6 +108,10 @@ def attention_step_times(labels, batch: int, steps: int = 5) -> dict[str, float]
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def _attention() -> str:
+    return str(load(None).model.attn_implementation)
+
+
 def _tiny_arch() -> dict:
     from omegaconf import OmegaConf
 
@@ -137,7 +141,7 @@ def main() -> None:
         ours32 = run_birdcli(root, args.steps, args.batch, tmp + "/runs32", "fp32")
     from birdcli.model import build
 
-    model, _ = build("vit-tiny", labels, False, _tiny_arch(), "sdpa")
+    model, _ = build("vit-tiny", labels, False, _tiny_arch(), _attention())
     flops = train_flops_per_image(model)
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     mode = "bf16" if cpu_has_fast_bf16() else "fp32"

@@ -59,7 +59,7 @@ class ModelConfig:
     image_size: int | None = None
     image_mean: list[float] | None = None
     image_std: list[float] | None = None
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "eager"
 
 
 @dataclass

@@ -51,7 +51,7 @@ def build(
     labels: Sequence[str],
     pretrained: bool,
     architecture: dict[str, Any] | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "eager",
     image_size: int | None = None,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
