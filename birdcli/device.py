@@ -41,6 +41,22 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def device_name(dev: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (for manifests and summaries)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or dev.type
+
+
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: bf16 matmuls run several times faster than fp32 (6x measured on this CPU)."""
     try:

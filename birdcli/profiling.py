@@ -23,15 +23,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.profiler import ProfilerActivity, record_function
 from torch.utils.data import DataLoader
 
 from birdcli import model as models
+from birdcli import recipe
 from birdcli.console import info, out, warn
 from birdcli.data import layout
 from birdcli.data.dataset import BirdImages, class_names, collate, normalize, samples, train_transform
-from birdcli.device import autocast, pick_device, pick_precision, precision_name, seed_everything
+from birdcli.device import autocast, device_name, pick_device, pick_precision, precision_name, seed_everything
 from birdcli.errors import BirdsError, UsageError
 from birdcli.inference import loader_for
 
@@ -61,7 +62,7 @@ def profile(
 
     # ---- data: the experiment's train split with its augmentation, and its validation split for inference
     root = Path(cfg.data.root)
-    _ensure_data(cfg, root)
+    recipe.ensure_data(cfg.data, root)
     classes = class_names(root)
     train_items = samples(root, "train", classes)[: tc.max_train_samples or None]
     if not train_items:
@@ -71,24 +72,15 @@ def profile(
 
     # ---- model, preprocessing, optimizer: as `birds train` builds them
     m = cfg.model
-    net, processor = models.build(
-        m.name_or_path,
-        classes,
-        m.pretrained,
-        OmegaConf.to_container(m.architecture),  # type: ignore[arg-type]
-        m.attn_implementation,
-        m.image_size,
-        m.image_mean,
-        m.image_std,
-    )
+    net, processor = recipe.build_model(cfg.model, classes)
     prep = models.preprocess_of(processor)
     net.to(dev).train()
     raw_net = net
     if tc.compile:
         net = torch.compile(net)
-    optimizer = _optimizer(raw_net, cfg.optimizer)
+    optimizer = recipe.optimizer(raw_net, cfg.optimizer)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
-    workers = _num_workers(cfg.data.num_workers)
+    workers = recipe.num_workers(cfg.data.num_workers)
     aug = cfg.augment
     train_ds = BirdImages(
         train_items,
@@ -205,7 +197,7 @@ def profile(
         "exp": cfg.exp,
         "model": str(m.name_or_path),
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device_name": device_name(dev),
         "threads": torch.get_num_threads(),
         "load_average_at_start": load,
         "precision": precision_name(dtype),
@@ -308,35 +300,6 @@ def _out_dir(path: Path | None, exp: str) -> Path:
     return path
 
 
-def _ensure_data(cfg: DictConfig, root: Path) -> None:
-    """The experiment's dataset; the synthetic one is generated when the config allows it (as `birds train` does)."""
-    if layout.looks_complete(root):
-        return
-    if cfg.data.auto_fetch and cfg.data.source == "synthetic":
-        from birdcli.data.fetch import fetch
-
-        fetch("synthetic", root, synthetic=OmegaConf.to_container(cfg.data.synthetic))  # type: ignore[arg-type]
-        return
-    raise BirdsError(f"no dataset at {root}", f"get one with: birds data fetch --root {root}")
-
-
-def _num_workers(requested: int) -> int:
-    if requested >= 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
-
-
-def _optimizer(net: torch.nn.Module, oc: DictConfig) -> torch.optim.Optimizer:
-    """The configured optimizer with its parameter groups (no decay on 1-d weights), as training uses it."""
-    decay = [p for p in net.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if oc.name == "sgd":
-        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov)
-    return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas))
-
-
 def _forever(loader: DataLoader) -> Iterator:
     while True:
         yield from loader
@@ -430,16 +393,3 @@ def _short_path(file: str) -> str:
             i = parts.index(anchor)
             return "/".join(parts[i + (anchor == "site-packages") :])
     return "/".join(parts[-2:])
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "cpu"

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.progress import TextColumn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from birdcli import __version__, checkpoint, tracking
+from birdcli import __version__, checkpoint, recipe, tracking
 from birdcli import model as models
 from birdcli.console import info, progress
 from birdcli.data import layout
@@ -33,6 +33,7 @@ from birdcli.device import (
     Dist,
     autocast,
     cleanup_distributed,
+    device_name,
     init_distributed,
     pick_device,
     pick_precision,
@@ -94,7 +95,11 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
 
     # ---- data: class index from train/, model-derived preprocessing
     root = Path(cfg.data.root)
-    _ensure_data(cfg, root, dist)
+    recipe.ensure_data(cfg.data, root, fetch_here=dist.main)
+    if dist.enabled:
+        import torch.distributed as tdist
+
+        tdist.barrier()  # the other ranks wait for rank 0's fetch
     classes = class_names(root)
     train_items = samples(root, "train", classes)[: tc.max_train_samples or None]
     val_split = "valid" if layout.species_dirs(root, "valid") else "test"
@@ -103,24 +108,14 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
         raise BirdsError(f"no training images in {root}/train", "run `birds data check`")
 
     # ---- model (pretrained hub id, local folder, or from scratch) and its preprocessing
-    m = cfg.model
-    net, processor = models.build(
-        m.name_or_path,
-        classes,
-        m.pretrained,
-        OmegaConf.to_container(m.architecture),  # type: ignore[arg-type]
-        m.attn_implementation,
-        m.image_size,
-        m.image_mean,
-        m.image_std,
-    )
+    net, processor = recipe.build_model(cfg.model, classes)
     prep = models.preprocess_of(processor)
     net.to(dev)
     raw_net = net
 
     # ---- loaders: per-process batch, workers from the cores, (index, epoch) keys for exact resume
     per_rank_batch = tc.batch_size // dist.world_size
-    workers = _num_workers(cfg.data.num_workers, dist)
+    workers = recipe.num_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
     aug = cfg.augment
     train_ds = BirdImages(
         train_items,
@@ -153,7 +148,7 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
         total_steps = min(total_steps, tc.max_steps)
 
     # ---- optimizer, schedule, grad scaler (fp16 only)
-    optimizer = _optimizer(raw_net, cfg.optimizer)
+    optimizer = recipe.optimizer(raw_net, cfg.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.scheduler, total_steps))
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
 
@@ -352,34 +347,6 @@ def _run_dir(cfg: DictConfig, dist: Dist, resume: str | None, name: str | None) 
     return run, False
 
 
-def _ensure_data(cfg: DictConfig, root: Path, dist: Dist) -> None:
-    if layout.looks_complete(root):
-        return
-    if cfg.data.auto_fetch and cfg.data.source == "synthetic":
-        if dist.main:
-            from birdcli.data.fetch import fetch
-
-            fetch("synthetic", root, synthetic=OmegaConf.to_container(cfg.data.synthetic))  # type: ignore[arg-type]
-        if dist.enabled:
-            import torch.distributed as tdist
-
-            tdist.barrier()
-        return
-    raise BirdsError(
-        f"no dataset at {root}",
-        f"get one with: birds data fetch --root {root} --source kaggle (or --source synthetic, --source dir --path ..)",
-    )
-
-
-def _num_workers(requested: int, dist: Dist) -> int:
-    if requested >= 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size))
-    spare = min(8, cores // local - 1)  # leave a core per process for compute
-    return spare if spare >= 2 else 0  # one worker on a 2-core machine only fights the compute threads
-
-
 def _seed_worker(worker_id: int) -> None:
     import random
 
@@ -388,16 +355,6 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-
-
-def _optimizer(net: torch.nn.Module, oc: DictConfig) -> torch.optim.Optimizer:
-    """No weight decay on biases and norm weights (1-d parameters)."""
-    decay = [p for p in net.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in net.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if oc.name == "sgd":
-        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov)
-    return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas))
 
 
 def _schedule(sc: DictConfig, total: int):
@@ -416,16 +373,6 @@ def _schedule(sc: DictConfig, total: int):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
     return factor
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class _maybe_no_sync:
@@ -527,7 +474,7 @@ def _write_manifest(run_dir: Path, cfg: DictConfig, root: Path, dev: torch.devic
             "transformers": transformers.__version__,
         },
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device_name": device_name(dev),
         "precision": precision_name(dtype),
         "world_size": dist.world_size,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
