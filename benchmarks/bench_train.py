@@ -13,32 +13,29 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
 from birdcli.config import load
 from birdcli.data.dataset import class_names, samples
 from birdcli.device import cpu_has_fast_bf16
 from birdcli.train import train
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_data import SeedDataset  # noqa: E402  (the same baseline dataset)
+
 MEAN = STD = (0.5, 0.5, 0.5)
 
 
-class SeedDataset(Dataset):
-    def __init__(self, items, processor):
-        self.items, self.processor = items, processor
-
-    def __len__(self):
-        return len(self.items)
+class TrainerDataset(SeedDataset):
+    """The seed project's per-image pipeline (bench_data.py), as the dicts Trainer expects."""
 
     def __getitem__(self, i):
-        path, label = self.items[i]
-        pixels = self.processor(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        pixels, label = super().__getitem__(i)
         return {"pixel_values": pixels, "labels": label}
 
 
@@ -72,7 +69,7 @@ def run_trainer(items, labels, steps: int, batch: int, out: str) -> float:
         output_dir=out, per_device_train_batch_size=batch, max_steps=steps, report_to=[], save_strategy="no",
         logging_strategy="no", use_cpu=True,
     )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=SeedDataset(items, processor))
+    trainer = Trainer(model=model, args=args, train_dataset=TrainerDataset(items, processor))
     result = trainer.train()
     return result.metrics["train_samples_per_second"]
 
