@@ -531,7 +531,7 @@ def main() -> None:
                 raise
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":  # click's or typer's vendored copy (Ctrl-C at a prompt)
             _fail("aborted", 1, None)
         _fail(
             f"unexpected error: {type(e).__name__}: {e}",
