@@ -31,7 +31,7 @@ from birdcli import model as models
 from birdcli import recipe
 from birdcli.console import info, out, warn
 from birdcli.data import layout
-from birdcli.data.dataset import BirdImages, class_names, collate, normalize, samples, train_transform
+from birdcli.data.dataset import class_names, collate, normalize, samples
 from birdcli.device import autocast, device_name, pick_device, pick_precision, precision_name, seed_everything
 from birdcli.errors import BirdsError, UsageError
 from birdcli.inference import loader_for
@@ -81,13 +81,7 @@ def profile(
     optimizer = recipe.optimizer(raw_net, cfg.optimizer)
     scaler = torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16)
     workers = recipe.num_workers(cfg.data.num_workers)
-    aug = cfg.augment
-    train_ds = BirdImages(
-        train_items,
-        train_transform(prep.size, aug.enabled, aug.crop_scale, aug.hflip, aug.color_jitter, aug.rand_augment),
-        seed=tc.seed,
-        max_bad_in_row=cfg.data.max_bad_in_row,
-    )
+    train_ds = recipe.train_dataset(cfg, train_items, prep.size)
     loader = DataLoader(
         train_ds,
         batch_size=tc.batch_size,

@@ -1,5 +1,5 @@
 """The pieces of an experiment that `birds train` and `birds profile` build the same way from the config:
-its dataset (fetched when allowed), its model, its optimizer and its number of DataLoader workers."""
+its dataset (fetched when allowed), training Dataset, model, optimizer and number of DataLoader workers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from birdcli import model as models
 from birdcli.data import layout
+from birdcli.data.cache import DecodedCache
+from birdcli.data.dataset import BirdImages, train_transform
 from birdcli.errors import BirdsError
 
 
@@ -28,6 +30,19 @@ def ensure_data(data: DictConfig, root: Path, fetch_here: bool = True) -> None:
     raise BirdsError(
         f"no dataset at {root}",
         f"get one with: birds data fetch --root {root} --source kaggle (or --source synthetic, --source dir --path ..)",
+    )
+
+
+def train_dataset(cfg: DictConfig, items: list[tuple[Path, int]], size: tuple[int, int]) -> BirdImages:
+    """The training Dataset: augmentation from `augment`, per-sample seeds from `train.seed`, optional decoded cache."""
+    aug, data = cfg.augment, cfg.data
+    cache = DecodedCache(Path(data.cache_dir), [p for p, _ in items], size) if data.cache else None
+    return BirdImages(
+        items,
+        train_transform(size, aug.enabled, aug.crop_scale, aug.hflip, aug.color_jitter, aug.rand_augment),
+        seed=cfg.train.seed,
+        max_bad_in_row=data.max_bad_in_row,
+        cache=cache,
     )
 
 

@@ -27,8 +27,7 @@ from birdcli import __version__, checkpoint, recipe, tracking
 from birdcli import model as models
 from birdcli.console import info, progress
 from birdcli.data import layout
-from birdcli.data.cache import DecodedCache
-from birdcli.data.dataset import BirdImages, class_names, collate, normalize, samples, train_transform
+from birdcli.data.dataset import class_names, collate, normalize, samples
 from birdcli.device import (
     Dist,
     autocast,
@@ -116,16 +115,7 @@ def _train(cfg: DictConfig, dev: torch.device, dist: Dist, resume: str | None, n
     # ---- loaders: per-process batch, workers from the cores, (index, epoch) keys for exact resume
     per_rank_batch = tc.batch_size // dist.world_size
     workers = recipe.num_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size)))
-    aug = cfg.augment
-    train_ds = BirdImages(
-        train_items,
-        train_transform(prep.size, aug.enabled, aug.crop_scale, aug.hflip, aug.color_jitter, aug.rand_augment),
-        seed=tc.seed,
-        max_bad_in_row=cfg.data.max_bad_in_row,
-        cache=DecodedCache(Path(cfg.data.cache_dir), [p for p, _ in train_items], prep.size)
-        if cfg.data.cache
-        else None,
-    )
+    train_ds = recipe.train_dataset(cfg, train_items, prep.size)
     sampler = ResumableSampler(
         DistributedSampler(train_ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=tc.seed)
     )
