@@ -547,7 +547,9 @@ def _fail(message: str, code: int, exc: BaseException | None, hint: str | None =
     from rich.console import Console
     from rich.markup import escape
 
-    line = message.strip().splitlines()[0] if message.strip() else "failed"
+    lines = message.strip().splitlines() or ["failed"]
+    # An error raised in a DataLoader worker arrives wrapped with the worker's traceback: its last line is the error.
+    line = lines[-1].split(": ", 1)[-1] if "Original Traceback" in message else lines[0]
     Console(stderr=True, highlight=False, soft_wrap=True).print(  # escaped: "pip install 'birdcli[serve]'" stays whole
         f"[bold red]error:[/] {escape(line)}" + (f" ({escape(hint)})" if hint else "")
     )

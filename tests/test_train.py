@@ -234,3 +234,16 @@ def test_training_knobs_run(tmp_path: Path, synthetic_data: Path, knobs: list[st
         assert len(rows) == 2
     else:
         assert len(rows) == 2 and (run / "best" / "model.safetensors").is_file()
+
+
+def test_many_unreadable_images_in_a_worker_end_in_one_line(tmp_path: Path, synthetic_data: Path):
+    """The error is raised inside a DataLoader worker process; the user still sees one plain line."""
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_data, data)
+    for image in (data / "train").rglob("*.jpg"):
+        image.write_bytes(b"not a jpeg")
+    r = run_birds("train", "--exp", "smoke", f"data.root={data}", "data.num_workers=1", "data.max_bad_in_row=3",
+                  "tracking.wandb.mode=disabled", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unreadable images in a row" in errors[0], r.stderr[-2000:]
