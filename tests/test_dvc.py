@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import copy_worktree
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)  # the venv's `birds` and `dvc`
 ENV = {
@@ -43,29 +45,9 @@ def sh(*cmd: str, cwd: Path, check: bool = True, timeout: float = 300) -> subpro
     return proc
 
 
-def has_command(name: str) -> bool:
-    """Whether `birds NAME` exists yet (evaluate and export are written alongside this pipeline)."""
-    return sh(sys.executable, "-m", "birdcli", name, "--help", cwd=REPO, check=False).returncode == 0
-
-
 def copy_repo(dest: Path) -> Path:
-    """Copy what git would hold (tracked and new, not ignored files) into `dest`, then make it a fresh git repo."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for rel in filter(None, listed.split("\0")):
-        src = REPO / rel
-        if not (src.is_file() or src.is_symlink()):
-            continue  # deleted in the working tree
-        dst = dest / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_symlink():
-            dst.symlink_to(os.readlink(src))
-        else:
-            shutil.copy2(src, dst)
+    """Copy what git would hold into `dest`, without this checkout's DVC cache and local config."""
+    copy_worktree(dest)
     shutil.rmtree(dest / ".dvc" / "cache", ignore_errors=True)
     (dest / ".dvc" / "config.local").unlink(missing_ok=True)
     return dest
@@ -113,15 +95,13 @@ def digests(*roots: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
-    """A copy of the repository in which `dvc repro` ran the whole pipeline once (only fetch+train+evaluate while
-    `birds export` does not exist yet)."""
+    """A copy of the repository in which `dvc repro` ran the whole pipeline once."""
     repo = copy_repo(tmp_path_factory.mktemp("dvc") / "repo")
     tune_down(repo)
     sh("git", "init", "-q", cwd=repo)
     sh("git", "add", "-A", cwd=repo)
     sh("git", "commit", "-qm", "copy", cwd=repo)
-    targets = [s for s in STAGES if s in ("fetch", "train") or has_command(s)]
-    sh("dvc", "repro", *targets, cwd=repo)
+    sh("dvc", "repro", cwd=repo)
     return repo
 
 

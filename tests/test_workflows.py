@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import copy_worktree
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / ".github" / "workflows"
 BIN = Path(sys.executable).parent
@@ -160,20 +162,7 @@ def test_repository_passes_pre_commit(tmp_path: Path) -> None:
 
     The hook environments come from PyPI (cached in ~/.cache/pre-commit after the first run, ~30 s).
     """
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for rel in filter(None, listed.split("\0")):
-        src, dst = REPO / rel, tmp_path / rel
-        if src.is_symlink():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            dst.symlink_to(os.readlink(src))
-        elif src.is_file():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+    copy_worktree(tmp_path)
     env = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True, env=env)
     subprocess.run(["git", "add", "-A"], cwd=tmp_path, check=True, env=env)
